@@ -1,0 +1,459 @@
+"""Configuration: one frozen dataclass per component, composed into `Config`.
+
+A run's config is built in three layers, later layers winning:
+
+1. the defaults below (what `mmer-dist train --dump-config` prints with no preset);
+2. a YAML preset from `mmer_dist/configs/NAME.yaml` (or any YAML path) holding only the
+   differences from the defaults; a preset may name another with `base: NAME`;
+3. dotted overrides from the command line: `optim.lr=3e-4 data.modalities=[text]`.
+
+Every component receives only its own sub-config (`build_model(cfg.model)`, ...). Values are
+validated in `__post_init__` with messages that say what to change.
+
+    cfg = load_config("debug", ["optim.lr=1e-3"])
+    print(dump_config(cfg))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+MODALITIES = ("text", "audio", "video")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that cannot work; the message says what to change."""
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    _check(value in choices, f"{name}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How training samples are drawn: the class-imbalance knob on the data side."""
+
+    weighting: str = "none"
+    """none (uniform shuffle, the baseline) | inverse | sqrt_inverse | effective_number | manual."""
+    beta: float = 0.999
+    """Effective-number beta (Cui et al. 2019), used when weighting=effective_number."""
+    class_weights: dict[str, float] = field(default_factory=dict)
+    """Per-class weights by label name, used when weighting=manual."""
+    replacement: bool = True
+    """Draw with replacement (needed for real oversampling of minority classes)."""
+    seed: int = 0
+    """Seed of the global draw; every rank derives the same draw from (seed, epoch)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("sampler.weighting", self.weighting,
+                      ("none", "inverse", "sqrt_inverse", "effective_number", "manual"))
+        _check(0.0 < self.beta < 1.0, f"sampler.beta={self.beta} must be in (0, 1), e.g. 0.999")
+        _check(self.weighting != "manual" or bool(self.class_weights),
+               "sampler.weighting=manual needs sampler.class_weights={neutral: 1.0, fear: 5.0, ...}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the shards are and how samples are decoded and batched."""
+
+    shards: str = "shards/out/synthetic-meld"
+    """Folder written by `mmer-dist pack` (or `embed`)."""
+    modalities: tuple[str, ...] = ("text", "audio", "video")
+    """Modalities fed to the model; the others are ignored even when the shards hold them."""
+    train_split: str = "train"
+    eval_split: str = "dev"
+    """Split used for periodic evaluation, best-checkpoint selection and the final metrics.json."""
+    batch_size: int = 16
+    """Per-rank batch size (global batch = batch_size x world size x grad_accum)."""
+    eval_batch_size: int = 32
+    num_workers: int = 0
+    """DataLoader worker processes per rank (decoding runs in them)."""
+    loader: str = "map"
+    """map: random access into the tars via the index (exact weighted sampler, mid-epoch resume);
+    stream: WebDataset streaming with resampled shards and a fixed epoch length."""
+    steps_per_epoch: int = 0
+    """Optimizer-independent loader steps per epoch on every rank; 0 = the split size / global batch."""
+    shuffle_buffer: int = 1000
+    """Streaming mode only: samples held in the per-worker shuffle buffer."""
+    sample_rate: int = 16000
+    max_audio_seconds: float = 8.0
+    video_frames: int = 8
+    video_size: int = 64
+    """Frames are resized to video_size x video_size after decoding."""
+    max_text_tokens: int = 64
+    bucket_by_length: bool = False
+    """Group samples of similar audio length into a batch to limit padding."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.modalities) > 0, "data.modalities is empty; use e.g. data.modalities=[text]")
+        for m in self.modalities:
+            _check_choice("data.modalities item", m, MODALITIES)
+        _check(len(set(self.modalities)) == len(self.modalities), f"data.modalities={list(self.modalities)} repeats a modality")
+        _check(self.batch_size >= 1, f"data.batch_size={self.batch_size} must be >= 1")
+        _check(self.eval_batch_size >= 1, f"data.eval_batch_size={self.eval_batch_size} must be >= 1")
+        _check(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
+        _check_choice("data.loader", self.loader, ("map", "stream"))
+        _check(self.steps_per_epoch >= 0, "data.steps_per_epoch must be >= 0 (0 = derived from the split size)")
+        _check(self.max_audio_seconds > 0, "data.max_audio_seconds must be > 0")
+        _check(self.video_frames >= 1 and self.video_size >= 8, "data.video_frames must be >= 1 and data.video_size >= 8")
+        _check(self.max_text_tokens >= 4, "data.max_text_tokens must be >= 4")
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """One modality encoder. `kind` picks the family; `size` picks a named size of it."""
+
+    kind: str = "hf"
+    """hf: a `transformers` AutoModel (pretrained or random-init from `size`);
+    scratch: a light from-scratch encoder (log-mel conv/transformer for audio, frame CNN for video);
+    cached: precomputed embeddings from `mmer-dist embed`."""
+    pretrained: str = ""
+    """Hub id or local folder to load; "" = the named size's default (random-init for debug)."""
+    size: str = "debug"
+    """debug (tiny, random-init, offline) | small | base (the usual pretrained ids)."""
+    freeze: bool = False
+    """Freeze the whole encoder (its parameters are left out of the optimizer)."""
+    unfreeze_after_steps: int = 0
+    """With freeze=true and > 0: unfreeze at this optimizer step (freeze-then-unfreeze)."""
+    freeze_feature_extractor: bool = True
+    """Audio hf encoders: keep the convolutional feature extractor frozen."""
+    gradient_checkpointing: bool = False
+    pooling: str = "tokens"
+    """tokens: hand the fusion the token sequence; mean/cls: one pooled vector."""
+
+    def __post_init__(self) -> None:
+        _check_choice("encoder kind", self.kind, ("hf", "scratch", "cached"))
+        _check_choice("encoder size", self.size, ("debug", "small", "base"))
+        _check_choice("encoder pooling", self.pooling, ("tokens", "mean", "cls"))
+        _check(self.unfreeze_after_steps >= 0, "unfreeze_after_steps must be >= 0")
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """The cross-modal transformer over all encoders' token sequences."""
+
+    width: int = 64
+    layers: int = 2
+    heads: int = 4
+    dropout: float = 0.1
+    modality_dropout: float = 0.0
+    """Training only: probability of dropping each present modality of a sample (never all)."""
+    max_tokens_per_modality: int = 64
+    """Longer encoder outputs are average-pooled down to this many tokens before fusion."""
+
+    def __post_init__(self) -> None:
+        _check(self.width % self.heads == 0, f"fusion.width={self.width} must be divisible by fusion.heads={self.heads}")
+        _check(0.0 <= self.dropout < 1.0 and 0.0 <= self.modality_dropout < 1.0,
+               "fusion.dropout and fusion.modality_dropout must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Encoders + fusion + head. `num_classes` and label names come from the shards' index."""
+
+    text: EncoderConfig = field(default_factory=lambda: EncoderConfig(kind="hf", pretrained="minilm", size="debug"))
+    audio: EncoderConfig = field(default_factory=lambda: EncoderConfig(kind="scratch"))
+    video: EncoderConfig = field(default_factory=lambda: EncoderConfig(kind="scratch"))
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    modalities: tuple[str, ...] = ("text", "audio", "video")
+    """Encoders to build; set from data.modalities when the run starts."""
+    num_classes: int = 7
+    sample_rate: int = 16000
+
+    def __post_init__(self) -> None:
+        for m in self.modalities:
+            _check_choice("model.modalities item", m, MODALITIES)
+        _check(self.num_classes >= 2, "model.num_classes must be >= 2")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The training loss: the class-imbalance knob on the objective side."""
+
+    name: str = "ce"
+    """ce | weighted_ce (inverse-frequency class weights) | focal | class_balanced (effective number)."""
+    label_smoothing: float = 0.0
+    focal_gamma: float = 2.0
+    cb_beta: float = 0.999
+    """Class-balanced loss beta (Cui et al. 2019)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("loss.name", self.name, ("ce", "weighted_ce", "focal", "class_balanced"))
+        _check(0.0 <= self.label_smoothing < 1.0, "loss.label_smoothing must be in [0, 1)")
+        _check(self.focal_gamma >= 0.0, "loss.focal_gamma must be >= 0")
+        _check(0.0 < self.cb_beta < 1.0, "loss.cb_beta must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with per-group learning rates, warmup + cosine decay."""
+
+    lr: float = 1e-3
+    """Learning rate of the fusion transformer and the head."""
+    encoder_lr: float = 1e-4
+    """Learning rate of the (unfrozen) encoders."""
+    weight_decay: float = 0.01
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    """Cosine decays to lr x min_lr_ratio at the last step."""
+    grad_clip: float = 1.0
+    """Max global grad norm; 0 disables clipping."""
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0 and self.encoder_lr >= 0, "optim.lr must be > 0 and optim.encoder_lr >= 0")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]")
+        _check(len(self.betas) == 2, "optim.betas needs two values, e.g. [0.9, 0.999]")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The loop: length, precision, evaluation, checkpoints."""
+
+    epochs: int = 3
+    max_steps: int = 0
+    """Stop after this many optimizer steps; 0 = epochs x steps per epoch."""
+    grad_accum: int = 1
+    mixed_precision: str = "auto"
+    """auto (bf16 on a GPU that supports it, fp32 on CPU) | no | bf16 | fp16."""
+    eval_every: int = 0
+    """Evaluate on data.eval_split every N optimizer steps; 0 = at the end of every epoch."""
+    checkpoint_every: int = 0
+    """Save a resumable checkpoint every N optimizer steps; 0 = at the end of every epoch."""
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    resume: str = ""
+    """"" (fresh run; refuses a run folder that has checkpoints) | latest | path of a checkpoint."""
+    deepspeed: str = ""
+    """Path of a DeepSpeed JSON (launch/ds_zero2.json); usually set by the launcher instead."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1 or self.max_steps >= 1, "train.epochs or train.max_steps must be >= 1")
+        _check(self.grad_accum >= 1, f"train.grad_accum={self.grad_accum} must be >= 1")
+        _check_choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+        _check(self.log_every >= 1, "train.log_every must be >= 1")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The root config of a run; `mmer-dist train --dump-config` prints it resolved."""
+
+    name: str = "default"
+    """Preset name, for the record."""
+    data: DataConfig = field(default_factory=DataConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        missing = [m for m in self.data.modalities if m not in self.model.modalities]
+        _check(not missing, f"data.modalities has {missing} but model.modalities={list(self.model.modalities)}; "
+                            f"set model.modalities to include them (or drop them from data.modalities)")
+
+
+# --------------------------------------------------------------------------- build / load / dump
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Turn a YAML/override value into the annotated type, or raise a ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping of fields, got {value!r}")
+        return build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError("; ".join(errors))
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}={value!r}; choose one of {args}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        item = args[0] if args else Any
+        return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        kt, vt = args or (Any, Any)
+        return {_coerce(k, kt, where): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where} must be a number, got {value!r}") from None
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def build(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass `cls` from a (partial) mapping; unknown keys are errors with a suggestion."""
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {(where + '.' if where else '') + close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {path!r}{hint} (valid here: {', '.join(names)})")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """A plain, YAML-safe dict of a config (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def preset_path(name_or_path: str) -> Path:
+    """Resolve a preset name (`debug`) or a YAML path to a file, with a clear error."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
+    if candidate.exists():
+        return candidate
+    known = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config {name_or_path!r} is neither a YAML file nor a preset; presets: {', '.join(known)}")
+
+
+def _read_preset(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    path = preset_path(name_or_path)
+    _check(str(path) not in seen, f"preset {path} names itself as base (cycle: {' -> '.join(seen)})")
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    _check(isinstance(data, dict), f"{path}: a preset must be a YAML mapping of config sections")
+    base = data.pop("base", None)
+    if base:
+        data = _merge(_read_preset(base, seen + (str(path),)), data)
+    data.setdefault("name", path.stem)
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`optim.lr=3e-4` -> (["optim", "lr"], 0.0003); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value (e.g. optim.lr=3e-4)")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            _check(isinstance(node, dict), f"override {text!r}: {part!r} is not a config section")
+        node[path[-1]] = value
+    return data
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- preset YAML <- dotted overrides, validated."""
+    data: dict[str, Any] = _read_preset(name_or_path) if name_or_path else {}
+    data = apply_overrides(data, list(overrides or []))
+    try:
+        return build(Config, data)
+    except TypeError as e:  # a dataclass rejected a value's shape
+        raise ConfigError(str(e)) from None
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """dataclasses.replace re-exported so callers need not import dataclasses."""
+    return dataclasses.replace(cfg, **changes)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    Path(path).write_text(dump_config(cfg), encoding="utf-8")
+
+
+def config_from_file(path: Path) -> Config:
+    """Read a resolved config.yaml written by a run (all fields present)."""
+    with open(path, encoding="utf-8") as f:
+        return build(Config, yaml.safe_load(f) or {})

@@ -1,0 +1,47 @@
+"""The one record type every corpus reader produces, and the report of what it skipped."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One labelled utterance of a raw corpus, before packing.
+
+    A modality the utterance lacks is `None` (text "" counts as absent only for corpora
+    without transcripts). `key` is unique within a corpus and safe as a WebDataset key
+    (no dots, no slashes).
+    """
+
+    key: str                      # e.g. "meld-train-dia12_utt3", "ravdess-01-01-03-01-01-02-05"
+    corpus: str                   # "meld" | "ravdess" | ...
+    split: str                    # "train" | "dev" | "test"
+    label: str                    # corpus-native emotion name
+    label_id: int                 # index of `label` in the corpus label set (corpora.labels)
+    speaker: str
+    text: str | None = None       # transcript (clean UTF-8), None when the corpus has none
+    audio_path: Path | None = None
+    video_path: Path | None = None
+    meta: dict[str, Any] = field(default_factory=dict)   # corpus-specific fields (ids, times, ...)
+
+
+@dataclass
+class ReadReport:
+    """What a reader skipped or degraded, counted by reason, with examples to show the user."""
+
+    skipped: Counter = field(default_factory=Counter)      # reason -> count of dropped utterances
+    degraded: Counter = field(default_factory=Counter)     # reason -> count kept with a modality missing
+    examples: dict[str, list[str]] = field(default_factory=dict)   # reason -> first few file/row names
+
+    def add(self, reason: str, where: str, *, dropped: bool) -> None:
+        (self.skipped if dropped else self.degraded)[reason] += 1
+        self.examples.setdefault(reason, [])
+        if len(self.examples[reason]) < 5:
+            self.examples[reason].append(where)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"skipped": dict(self.skipped), "degraded": dict(self.degraded), "examples": self.examples}

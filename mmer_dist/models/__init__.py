@@ -1,0 +1,4 @@
+"""Models: modality encoders, the cross-modal fusion transformer, heads and losses.
+
+`build_model(cfg.model)` is the one entry point.
+"""

@@ -1,0 +1,1 @@
+"""Shards: pack raw utterances into WebDataset tars with an index (`schema` is shared with readers)."""
