@@ -404,9 +404,9 @@ def _read_preset(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any
         data = yaml.safe_load(f) or {}
     _check(isinstance(data, dict), f"{path}: a preset must be a YAML mapping of config sections")
     base = data.pop("base", None)
+    data.setdefault("name", path.stem)
     if base:
         data = _merge(_read_preset(base, seen + (str(path),)), data)
-    data.setdefault("name", path.stem)
     return data
 
 

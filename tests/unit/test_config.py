@@ -1,0 +1,93 @@
+"""Config system: defaults, presets holding only differences, dotted overrides, validation messages."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from mmer_dist.config import (
+    Config, ConfigError, config_from_file, dump_config, load_config, save_config,
+)
+
+
+def test_defaults_build_and_round_trip(tmp_path):
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    save_config(cfg, tmp_path / "config.yaml")
+    assert config_from_file(tmp_path / "config.yaml") == cfg
+
+
+def test_preset_holds_only_differences():
+    cfg = load_config("debug")
+    assert cfg.name == "debug"
+    assert cfg.model.fusion.width == 32
+    # untouched fields keep their defaults
+    assert cfg.optim.weight_decay == Config().optim.weight_decay
+
+
+def test_dotted_overrides_parse_types():
+    cfg = load_config("debug", ["optim.lr=3e-4", "data.modalities=[text, audio]", "train.epochs=5",
+                                "sampler.weighting=inverse", "model.text.freeze=true",
+                                "sampler.class_weights={fear: 4.0}", "optim.betas=[0.9, 0.98]"])
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.data.modalities == ("text", "audio")
+    assert cfg.train.epochs == 5 and cfg.sampler.weighting == "inverse"
+    assert cfg.model.text.freeze is True
+    assert cfg.sampler.class_weights == {"fear": 4.0}
+    assert cfg.optim.betas == (0.9, 0.98)
+
+
+def test_comma_list_override():
+    assert load_config(None, ["data.modalities=text,video"]).data.modalities == ("text", "video")
+
+
+def test_unknown_key_suggests_the_right_one():
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim\.lrr'.*did you mean 'optim\.lr'"):
+        load_config(None, ["optim.lrr=1"])
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match=r"train\.epochs must be an integer"):
+        load_config(None, ["train.epochs=abc"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sampler.weighting=balanced", "sampler.weighting='balanced' is not valid"),
+    ("fusion.width=1", "unknown config key"),
+    ("model.fusion.width=30", "divisible by fusion.heads"),
+    ("data.modalities=[smell]", "data.modalities item='smell'"),
+    ("sampler.weighting=manual", "needs sampler.class_weights"),
+    ("train.grad_accum=0", "train.grad_accum=0 must be >= 1"),
+])
+def test_validation_messages_say_what_to_change(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config(None, [override])
+
+
+def test_data_modalities_must_have_an_encoder():
+    with pytest.raises(ConfigError, match="model.modalities"):
+        load_config(None, ["model.modalities=[text]"])
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ConfigError, match="presets: .*debug"):
+        load_config("no_such_preset")
+
+
+def test_yaml_preset_with_base(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text(yaml.safe_dump({"base": "debug", "optim": {"lr": 0.5}}))
+    cfg = load_config(str(p))
+    assert cfg.optim.lr == 0.5 and cfg.model.fusion.width == 32 and cfg.name == "mine"
+
+
+def test_dump_is_yaml_of_everything():
+    text = dump_config(load_config("debug"))
+    data = yaml.safe_load(text)
+    assert set(data) == {"name", "data", "sampler", "model", "loss", "optim", "train"}
+
+
+def test_config_is_frozen():
+    cfg = load_config()
+    with pytest.raises(Exception):
+        cfg.optim.lr = 1.0  # type: ignore[misc]
