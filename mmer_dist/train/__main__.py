@@ -1,0 +1,83 @@
+"""`python -m mmer_dist.train` / `mmer-dist train`: parse the config, check it, train, close.
+
+    python -m mmer_dist.train --config debug --shards shards/out/synth --out runs/debug optim.lr=1e-3
+    accelerate launch --config_file launch/cpu_2proc.yaml -m mmer_dist.train --config debug ...
+    torchrun --nproc_per_node 8 -m mmer_dist.train --config meld_base --out runs/meld resume=latest
+
+Everything that can be checked is checked here, before any process group starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mmer_dist.config import Config, ConfigError, dump_config, load_config
+from mmer_dist.train.checkpoint import complete_checkpoints
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mmer-dist train",
+        description="Train a multimodal emotion model on packed shards. The config is the defaults, "
+                    "then the preset (--config), then dotted overrides (key=value).",
+        epilog="examples:\n"
+               "  mmer-dist train --config debug --shards shards/out/synth --out runs/debug\n"
+               "  mmer-dist train --config debug sampler.weighting=inverse optim.lr=3e-4\n"
+               "  mmer-dist train --config debug --out runs/debug resume=latest\n"
+               "  mmer-dist train --config meld_text_minilm --dump-config",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", default=None, help="preset name (mmer_dist/configs/NAME.yaml) or a YAML path")
+    p.add_argument("--shards", default=None, help="shards folder (same as data.shards=...)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<preset name>)")
+    p.add_argument("--dump-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", help="dotted overrides: optim.lr=3e-4 data.modalities=[text] resume=latest")
+    return p
+
+
+def resolve(args: argparse.Namespace) -> tuple[Config, Path]:
+    overrides = ["train.resume=" + o.split("=", 1)[1] if o.startswith("resume=") else o for o in args.overrides]
+    if args.shards:
+        overrides.append(f"data.shards={args.shards}")
+    cfg = load_config(args.config, overrides)
+    run_dir = Path(args.out or f"runs/{cfg.name}")
+    return cfg, run_dir
+
+
+def preflight(cfg: Config, run_dir: Path) -> None:
+    """Fail before any process group starts, with a message that names the fix."""
+    from mmer_dist.shards.schema import load_index, split_index
+
+    index = load_index(cfg.data.shards)
+    for split in (cfg.data.train_split, cfg.data.eval_split):
+        split_index(index, split, cfg.data.shards)
+    present = index.splits[cfg.data.train_split].modalities
+    if not any(present.get(m, 0) for m in cfg.data.modalities):
+        raise ConfigError(f"data.modalities={list(cfg.data.modalities)} but the shards in {cfg.data.shards} hold "
+                          f"{ {k: v for k, v in present.items() if v} }; choose modalities the shards have")
+    if not cfg.train.resume and complete_checkpoints(run_dir):
+        raise ConfigError(f"{run_dir} already holds checkpoints of a run; pass resume=latest to continue it, "
+                          f"or choose a new --out")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg, run_dir = resolve(args)
+        if args.dump_config:
+            print(dump_config(cfg), end="")
+            return 0
+        preflight(cfg, run_dir)
+    except (ConfigError, FileNotFoundError, KeyError) as e:
+        print(f"mmer-dist train: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    from mmer_dist.train.loop import train
+
+    result = train(cfg, run_dir)
+    return 0 if result else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
