@@ -1,0 +1,84 @@
+"""`mmer-dist eval`: a trained model on one split of a shards folder -> metrics, predictions, plots.
+
+Runs on any number of processes (each sample counted exactly once; padding duplicates are
+dropped before the reduction), so 1 and N processes write the identical metrics.json:
+
+    mmer-dist eval --model runs/debug --shards shards/out/synth --split test --out runs/debug/eval-test
+    torchrun --nproc_per_node 2 -m mmer_dist.evaluate --model runs/debug --shards ... --split test --out ...
+
+Writes OUT/metrics.json (macro_f1 headline, weighted_f1, accuracy, uar, per_class, confusion
+matrix), OUT/predictions.jsonl, OUT/confusion.png, OUT/per_class_f1.png and, when the model
+comes from a run folder with logs, OUT/curves.png; prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmer_dist import dist
+
+
+def evaluate_model(model_path: str | Path, shards: str | Path, split: str, out: str | Path,
+                   batch_size: int = 32) -> dict[str, Any]:
+    """Evaluate on this process's part of the split; every rank returns the same metrics."""
+    from mmer_dist.config import replace
+    from mmer_dist.data.pipeline import build_eval_loader
+    from mmer_dist.models.encoders import build_tokenizer
+    from mmer_dist.report import plot_confusion, plot_curves, plot_per_class_f1, print_table
+    from mmer_dist.shards.schema import load_index, split_index, write_json_atomic
+    from mmer_dist.train.checkpoint import find_export, load_exported
+    from mmer_dist.train.metrics import EvalAccumulator
+
+    info = dist.init_process_group()
+    export_dir = find_export(model_path)
+    model, model_cfg, data_cfg, labels = load_exported(export_dir)
+    index = load_index(shards)
+    split_index(index, split, shards)
+    if list(index.labels) != labels:
+        raise ValueError(f"the model predicts {labels} but {shards} is labelled {list(index.labels)}; "
+                         f"evaluate on shards of the corpus (label set) the model was trained on")
+    data_cfg = replace(data_cfg, shards=str(shards), eval_batch_size=batch_size)
+    tokenizer = build_tokenizer(model_cfg.text) if "text" in data_cfg.modalities else None
+    loader = build_eval_loader(str(shards), data_cfg, tokenizer, split=split, rank=info.rank,
+                               world_size=info.world_size)
+    acc = EvalAccumulator(labels)
+    with torch.no_grad():
+        for batch in loader:
+            acc.add(batch, model(batch).float())
+    out = Path(out)
+    metrics = acc.gather()
+    metrics.update({"split": split, "shards": str(shards), "model": str(export_dir)})
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "metrics.json", metrics)
+        acc.write_predictions(out / "predictions.jsonl")
+        plot_confusion(metrics, out / "confusion.png")
+        plot_per_class_f1(metrics, out / "per_class_f1.png")
+        run_dir = export_dir.parent
+        if (run_dir / "log.jsonl").exists():
+            plot_curves(run_dir, out / "curves.png")
+        print(print_table(metrics))
+        print(f"\nwrote {out / 'metrics.json'}, predictions.jsonl and plots "
+              f"({', '.join(sorted(p.name for p in out.glob('*.png')))}) in {out}")
+    dist.barrier()
+    return metrics
+
+
+def eval_main(args: argparse.Namespace) -> int:
+    try:
+        evaluate_model(args.model, args.shards, args.split, args.out, args.batch_size)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        print(f"mmer-dist eval: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    from mmer_dist.cli import build_parser
+
+    sys.exit(eval_main(build_parser().parse_args(["eval", *sys.argv[1:]])))

@@ -1,0 +1,57 @@
+"""`mmer-dist predict`: the emotion of one raw utterance (any subset of video, audio, text).
+
+Uses exactly the decode path of training (`mmer_dist.data.decode`) with the decode settings
+stored in the exported model, so a clip gets the label the model gives it in `mmer-dist eval`.
+
+    mmer-dist predict --model runs/demo/weighted --video clip.mp4 --text "I can't believe it!"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def predict(model_path: str | Path, video: str | None = None, audio: str | None = None,
+            text: str | None = None) -> dict[str, Any]:
+    """{"label": name, "probabilities": {name: p}, "modalities": [used]} for one utterance."""
+    from mmer_dist.data.collate import collate
+    from mmer_dist.data.decode import decode_files
+    from mmer_dist.models.encoders import build_tokenizer
+    from mmer_dist.train.checkpoint import load_exported
+
+    if not (video or audio or text):
+        raise ValueError("give at least one of --video, --audio, --text")
+    for path in (video, audio):
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+    model, model_cfg, data_cfg, labels = load_exported(model_path)
+    tokenizer = build_tokenizer(model_cfg.text) if "text" in data_cfg.modalities else None
+    sample = decode_files(video=video, audio=audio, text=text, cfg=data_cfg, tokenizer=tokenizer)
+    batch = collate([sample], data_cfg)
+    with torch.no_grad():
+        probs = torch.softmax(model(batch).float(), dim=-1)[0]
+    used = [m for m in data_cfg.modalities if f"{m}_mask" in batch and bool(batch[f"{m}_mask"].any())]
+    best = int(probs.argmax())
+    return {"label": labels[best], "probabilities": {name: float(p) for name, p in zip(labels, probs)},
+            "modalities": used}
+
+
+def predict_main(args: argparse.Namespace) -> int:
+    try:
+        result = predict(args.model, video=args.video, audio=args.audio, text=args.text)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"mmer-dist predict: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{result['label']}  (from {', '.join(result['modalities']) or 'no usable modality'})")
+    for name, p in sorted(result["probabilities"].items(), key=lambda kv: -kv[1]):
+        print(f"  {name:<10} {p:6.3f}  {'#' * round(p * 40)}")
+    return 0
