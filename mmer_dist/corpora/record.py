@@ -17,7 +17,7 @@ class Utterance:
     (no dots, no slashes).
     """
 
-    key: str                      # e.g. "meld-train-dia12_utt3", "ravdess-01-01-03-01-01-02-05"
+    key: str                      # e.g. "meld-train-dia12_utt3", "ravdess-01-03-01-01-02-05" (VV-EE-II-SS-RR-AA)
     corpus: str                   # "meld" | "ravdess" | ...
     split: str                    # "train" | "dev" | "test"
     label: str                    # corpus-native emotion name
