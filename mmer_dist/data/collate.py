@@ -1,0 +1,124 @@
+"""Collation: decoded samples -> one padded batch with per-modality masks; length bucketing.
+
+    collate = Collator(cfg.data, pad_id=tokenizer.pad_token_id)
+    batch = collate([sample, Skipped(...), sample, ...])
+
+The batch (model input), for the modalities in `cfg.data.modalities` only:
+
+    "keys": list[str], "labels": LongTensor[B]
+    "text_ids": LongTensor[B, Lt], "text_mask": BoolTensor[B, Lt]     True = real token
+    "audio": FloatTensor[B, S], "audio_mask": BoolTensor[B, S]        True = real sample
+    "video": FloatTensor[B, F, 3, H, W], "video_mask": BoolTensor[B, F]
+
+plus bookkeeping the loop reads and the model ignores:
+
+    "pad": BoolTensor[B]            True = an evaluation padding duplicate: drop it before metrics
+    "skipped": dict[str, int]       samples of this batch that failed to decode, by reason
+    "degraded": dict[str, int]      kept samples with a present-but-empty modality, by reason
+
+A sample lacking a modality gets zeros and an all-False mask row; when no sample of the batch
+has it, the padded length is 1 (text, audio) so shapes stay valid. Skipped samples are dropped,
+not replaced: the batch gets smaller (possibly empty, B = 0) but the number of batches per rank
+never changes -- equal steps per rank matter more than equal batch sizes.
+
+Length bucketing (`bucket_batches`) groups indices of similar audio duration into a batch,
+within windows of consecutive draws, then shuffles the batch order, so padding shrinks while
+the epoch's sample set and its batch count stay exactly those of the unbucketed order.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Any, Sequence
+
+import torch
+
+from mmer_dist.config import DataConfig
+from mmer_dist.data.decode import Skipped
+
+
+def _pad_1d(rows: list[torch.Tensor | None], dtype: torch.dtype, pad_value: float | int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max([r.shape[0] for r in rows if r is not None] + [1])
+    out = torch.full((len(rows), length), pad_value, dtype=dtype)
+    mask = torch.zeros((len(rows), length), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        if r is not None and r.shape[0] > 0:
+            out[i, : r.shape[0]] = r
+            mask[i, : r.shape[0]] = True
+    return out, mask
+
+
+class Collator:
+    """Picklable collate_fn for DataLoader / `wds.batched` over samples and `Skipped` markers."""
+
+    def __init__(self, cfg_data: DataConfig, pad_id: int = 0) -> None:
+        self.modalities = tuple(cfg_data.modalities)
+        self.frames = cfg_data.video_frames
+        self.size = cfg_data.video_size
+        self.pad_id = int(pad_id or 0)
+
+    def __call__(self, items: Sequence[Any]) -> dict[str, Any]:
+        samples = [s for s in items if isinstance(s, dict)]
+        skipped = Counter(s.reason for s in items if isinstance(s, Skipped))
+        degraded = Counter(r for s in samples for r in s.get("degraded", ()))
+        batch: dict[str, Any] = {
+            "keys": [s["key"] for s in samples],
+            "labels": torch.tensor([int(s["label"]) for s in samples], dtype=torch.long),
+            "pad": torch.tensor([bool(s.get("pad", False)) for s in samples], dtype=torch.bool),
+            "skipped": dict(skipped),
+            "degraded": dict(degraded),
+        }
+        if "text" in self.modalities:
+            batch["text_ids"], batch["text_mask"] = _pad_1d([s.get("text_ids") for s in samples], torch.long, self.pad_id)
+        if "audio" in self.modalities:
+            batch["audio"], batch["audio_mask"] = _pad_1d([s.get("audio") for s in samples], torch.float32, 0.0)
+        if "video" in self.modalities:
+            video = torch.zeros((len(samples), self.frames, 3, self.size, self.size), dtype=torch.float32)
+            vmask = torch.zeros((len(samples), self.frames), dtype=torch.bool)
+            for i, s in enumerate(samples):
+                v = s.get("video")
+                if v is None:
+                    continue
+                if tuple(v.shape[1:]) != (3, self.size, self.size) or v.shape[0] > self.frames:
+                    raise ValueError(f"sample {s['key']}: video shape {tuple(v.shape)} does not fit "
+                                     f"[<= {self.frames}, 3, {self.size}, {self.size}] (data.video_frames/video_size); "
+                                     f"the decoder and the collator must use the same cfg.data")
+                video[i, : v.shape[0]] = v
+                vmask[i, : v.shape[0]] = True
+            batch["video"], batch["video_mask"] = video, vmask
+        return batch
+
+
+def bucket_batches(indices: Sequence[int], lengths: Sequence[float], batch_size: int,
+                   window_batches: int = 32, seed: int = 0) -> list[list[int]]:
+    """Cut `indices` (a rank's draw, in order) into floor(n / batch_size) batches of similar length.
+
+    The tail that drop_last would drop is dropped first (same samples as without bucketing);
+    every window of `window_batches` batches is sorted by `lengths[index]` and cut into batches;
+    the batch order is then shuffled with `seed` so training is not a length curriculum.
+    Deterministic in (indices, lengths, batch_size, window_batches, seed).
+    """
+    if batch_size < 1 or window_batches < 1:
+        raise ValueError(f"bucket_batches: batch_size={batch_size} and window_batches={window_batches} must be >= 1")
+    n_batches = len(indices) // batch_size
+    kept = list(indices[: n_batches * batch_size])
+    window = window_batches * batch_size
+    batches: list[list[int]] = []
+    for start in range(0, len(kept), window):
+        chunk = sorted(kept[start : start + window], key=lambda i: lengths[i])
+        batches.extend(chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size))
+    random.Random(seed).shuffle(batches)
+    return batches
+
+
+def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[float]) -> float:
+    """Share of padded positions when each batch is padded to its longest member (for reports)."""
+    total = real = 0.0
+    for b in batches:
+        if not b:
+            continue
+        longest = max(lengths[i] for i in b)
+        total += longest * len(b)
+        real += sum(lengths[i] for i in b)
+    return 0.0 if total == 0 else 1.0 - real / total

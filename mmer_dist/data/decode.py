@@ -1,0 +1,387 @@
+"""Decode one sample's shard members (bytes) into model-ready tensors.
+
+Runs inside DataLoader workers, after the shuffle. One function does the work for training,
+evaluation and `mmer-dist predict`, so a raw file is decoded exactly like a packed one:
+
+    decoder = Decoder(cfg.data, tokenizer, train=True, seed=0)
+    sample = decoder({"__key__": "k", "json": b"{...}", "txt": b"hi", "flac": b"...", "mp4": b"..."})
+    # {"key": "k", "label": 3, "text_ids": LongTensor[Lt] | None, "audio": FloatTensor[S] | None,
+    #  "video": FloatTensor[F, 3, H, W] | None, "degraded": [...]}
+    sample = decode_files(video="clip.mp4", audio=None, text="hello", cfg_data=cfg.data, tokenizer=tok)
+
+Per modality (only those in `cfg.data.modalities`; a modality outside it is never decoded):
+
+* audio: FLAC/WAV/OGG via soundfile, anything else (mp3, m4a, the audio track of an mp4) via
+  PyAV. Stereo is downmixed to mono, the rate converted with `torchaudio.functional.resample`
+  (never `torchaudio.load`: it needs torchcodec + system FFmpeg), then cropped to
+  `max_audio_seconds` -- a random window in training, the centre window in evaluation, both
+  deterministic given the rng. Shorter audio is returned unpadded (the collate pads + masks).
+  Without an audio member the audio track of the video member is used when it has one.
+* video: PyAV from bytes; `video_frames` frames at indices spread uniformly over the clip
+  (a one-frame clip repeats its frame), resized (no crop, aspect not kept) to
+  `video_size` x `video_size` by swscale, float in [0, 1] normalised with the ImageNet
+  mean/std, shape [F, 3, H, W]. The codec runs single-threaded: the DataLoader workers are
+  the parallelism.
+* text: the text encoder's tokenizer, truncated to `max_text_tokens` (special tokens kept).
+
+Failure policy. A member that is present but cannot be decoded raises `DecodeError(reason)`;
+the pipeline catches it, skips the sample and counts it per reason (never a worker crash).
+A member that decodes to nothing -- zero-length audio, a video without frames, an empty
+transcript -- is not an error: that modality is simply absent (all-False mask after collation)
+and the sample carries the reason in `sample["degraded"]` so the loop can count it too.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from mmer_dist.config import DataConfig
+from mmer_dist.shards.schema import AUDIO_EXTS, META_EXT, TEXT_EXT, VIDEO_EXTS
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# soundfile (libsndfile) handles these directly and fast; everything else goes through PyAV.
+SOUNDFILE_EXTS = ("flac", "wav", "ogg")
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Marker the pipeline yields instead of a sample that failed to decode; the collate counts it."""
+
+    key: str
+    reason: str
+    detail: str = ""
+
+    @classmethod
+    def from_error(cls, e: "DecodeError") -> "Skipped":
+        return cls(e.key, e.reason, e.detail)
+
+
+class DecodeError(Exception):
+    """A present member could not be decoded. `reason` is the counter key (e.g. `audio_corrupt`)."""
+
+    def __init__(self, reason: str, key: str = "", detail: str = "") -> None:
+        self.reason = reason
+        self.key = key
+        self.detail = detail
+        super().__init__(f"sample {key or '?'}: {reason}: {detail}")
+
+
+# --------------------------------------------------------------------------- audio
+
+
+def _read_soundfile(data: bytes) -> tuple[np.ndarray, int]:
+    import soundfile as sf
+
+    wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)   # [N, C]
+    return np.ascontiguousarray(wave.T), int(sr)
+
+
+def _read_pyav(data: bytes) -> tuple[np.ndarray, int] | None:
+    """All audio of the first audio stream as float32 [C, N]; None when there is no audio stream."""
+    import av
+
+    with av.open(io.BytesIO(data), mode="r") as container:
+        streams = container.streams.audio
+        if not streams:
+            return None
+        stream = streams[0]
+        # fltp keeps the input rate and layout; downmix and resampling happen in torch below
+        resampler = av.AudioResampler(format="fltp")
+        chunks: list[np.ndarray] = []
+        rate = stream.rate or stream.codec_context.sample_rate
+        for frame in container.decode(stream):
+            rate = frame.sample_rate or rate
+            for out in resampler.resample(frame):
+                chunks.append(out.to_ndarray())
+        for out in resampler.resample(None):
+            chunks.append(out.to_ndarray())
+    if not chunks:
+        return np.zeros((1, 0), dtype=np.float32), int(rate or 0)
+    return np.concatenate(chunks, axis=1).astype(np.float32, copy=False), int(rate)
+
+
+def read_audio(data: bytes, ext: str) -> tuple[np.ndarray, int] | None:
+    """Bytes -> (float32 [channels, samples], rate); None when a container has no audio stream."""
+    if ext in SOUNDFILE_EXTS:
+        try:
+            return _read_soundfile(data)
+        except Exception:   # e.g. a FLAC variant libsndfile rejects: PyAV is the general fallback
+            pass
+    return _read_pyav(data)
+
+
+def crop_window(length: int, max_len: int, train: bool, rng: np.random.Generator | None) -> tuple[int, int]:
+    """[start, end) of the kept window: random in training (needs rng), centred in evaluation."""
+    if length <= max_len:
+        return 0, length
+    slack = length - max_len
+    if train:
+        if rng is None:
+            raise ValueError("crop_window(train=True) needs an rng (np.random.Generator) for a reproducible crop")
+        start = int(rng.integers(0, slack + 1))
+    else:
+        start = slack // 2
+    return start, start + max_len
+
+
+def decode_audio(data: bytes, ext: str, sample_rate: int, max_seconds: float, train: bool,
+                 rng: np.random.Generator | None, key: str = "") -> torch.Tensor | None:
+    """Audio bytes -> mono float32 waveform [S] at `sample_rate`, S <= max_seconds x rate.
+
+    Returns None when the bytes hold no audio stream; a zero-length tensor when the stream is
+    empty. Raises DecodeError("audio_corrupt") when the bytes cannot be decoded.
+    """
+    import torchaudio.functional as AF
+
+    try:
+        read = read_audio(data, ext)
+    except Exception as e:  # any codec/container error of a present member
+        raise DecodeError("audio_corrupt", key, f"{ext}: {type(e).__name__}: {e}") from e
+    if read is None:
+        return None
+    wave, sr = read
+    if wave.shape[1] == 0:
+        return torch.zeros(0, dtype=torch.float32)
+    if sr <= 0:
+        raise DecodeError("audio_corrupt", key, f"{ext}: sample rate {sr}")
+    mono = wave.mean(axis=0) if wave.shape[0] > 1 else wave[0]
+    # crop at the source rate first (resampling only what is kept), then resample and trim
+    max_len = int(round(max_seconds * sample_rate))
+    max_src = int(math.ceil(max_seconds * sr))
+    start, end = crop_window(mono.shape[0], max_src, train, rng)
+    out = torch.from_numpy(np.ascontiguousarray(mono[start:end], dtype=np.float32))
+    if sr != sample_rate:
+        out = AF.resample(out, sr, sample_rate)
+    return out[:max_len].contiguous()
+
+
+# --------------------------------------------------------------------------- video
+
+
+def _frame_targets(n: int, frames: int) -> np.ndarray:
+    """Indices of `frames` frames spread uniformly over n frames (repeats when n < frames)."""
+    return np.linspace(0, max(n - 1, 0), frames).round().astype(np.int64)
+
+
+def decode_video(data: bytes, frames: int, size: int, key: str = "") -> torch.Tensor | None:
+    """Video bytes -> float32 [frames, 3, size, size], ImageNet-normalised.
+
+    Returns None when the container has no video stream or no frame decodes (the modality is
+    then absent); raises DecodeError("video_corrupt") when the bytes cannot be decoded.
+    """
+    import av
+
+    def small(frame: Any) -> np.ndarray:
+        return frame.reformat(width=size, height=size, format="rgb24").to_ndarray()
+
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.video:
+                return None
+            stream = container.streams.video[0]
+            stream.codec_context.thread_count = 1
+            declared = int(stream.frames or 0)
+            picked: list[np.ndarray] = []
+            if declared > 0:
+                # decode in order, convert only the frames we keep, stop after the last one
+                targets = _frame_targets(declared, frames)
+                wanted = set(targets.tolist())
+                kept: dict[int, np.ndarray] = {}
+                last_frame, last_i = None, -1
+                for i, frame in enumerate(container.decode(stream)):
+                    last_frame, last_i = frame, i
+                    if i in wanted:
+                        kept[i] = small(frame)
+                    if i >= targets[-1]:
+                        break
+                if last_frame is None:
+                    return None
+                if len(kept) < len(wanted):   # the container declared more frames than it holds
+                    actual = last_i + 1
+                    kept_all = {**kept, last_i: kept.get(last_i, small(last_frame))}
+                    targets = np.minimum(targets, actual - 1)
+                    picked = [kept_all[t] if t in kept_all else kept_all[max(k for k in kept_all if k <= t)]
+                              for t in targets.tolist()]
+                else:
+                    picked = [kept[t] for t in targets.tolist()]
+            else:
+                # frame count unknown: convert every frame (small after reformat), then pick
+                allf = [small(f) for f in container.decode(stream)]
+                if not allf:
+                    return None
+                picked = [allf[t] for t in _frame_targets(len(allf), frames).tolist()]
+    except DecodeError:
+        raise
+    except Exception as e:
+        raise DecodeError("video_corrupt", key, f"{type(e).__name__}: {e}") from e
+    arr = torch.from_numpy(np.stack(picked))                      # [F, H, W, 3] uint8
+    video = arr.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return ((video - mean) / std).contiguous()
+
+
+# --------------------------------------------------------------------------- text
+
+
+def decode_text(data: bytes | str, tokenizer: Callable[..., Any], max_tokens: int, key: str = "") -> torch.Tensor | None:
+    """UTF-8 transcript -> LongTensor [<= max_tokens] of token ids; None for an empty transcript."""
+    try:
+        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else str(data)
+    except UnicodeDecodeError as e:
+        raise DecodeError("text_corrupt", key, f"not UTF-8: {e}") from e
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        ids = tokenizer(text, truncation=True, max_length=max_tokens)["input_ids"]
+    except Exception as e:
+        raise DecodeError("text_corrupt", key, f"tokenizer: {type(e).__name__}: {e}") from e
+    return torch.tensor(list(ids)[:max_tokens], dtype=torch.long)
+
+
+# --------------------------------------------------------------------------- sample
+
+
+def _first_ext(members: dict[str, Any], exts: tuple[str, ...]) -> str | None:
+    for ext in exts:
+        if ext in members and members[ext] is not None:
+            return ext
+    return None
+
+
+def decode_sample(members: dict[str, Any], cfg_data: DataConfig, tokenizer: Callable[..., Any] | None,
+                  train: bool, rng: np.random.Generator | None, key: str | None = None,
+                  require_label: bool = True) -> dict[str, Any]:
+    """Decode one sample's members (extension -> bytes, as in a WebDataset sample).
+
+    Returns {"key", "label", "text_ids", "audio", "video", "degraded"}; a modality in
+    `cfg_data.modalities` the sample lacks (or that decodes to nothing) is None, a modality not
+    in it is absent from the dict. Raises DecodeError on a member that cannot be decoded.
+    """
+    key = key or str(members.get("__key__", "")) or "?"
+    label = -1
+    meta_raw = members.get(META_EXT)
+    if meta_raw is None:
+        if require_label:
+            raise DecodeError("meta_missing", key, f"no {key}.{META_EXT} member: the label is unknown; repack the shard")
+    else:
+        try:
+            meta = json.loads(meta_raw)
+            label = int(meta["label_id"])
+        except Exception as e:
+            raise DecodeError("meta_corrupt", key, f"{key}.{META_EXT}: {type(e).__name__}: {e}") from e
+    out: dict[str, Any] = {"key": key, "label": label, "degraded": []}
+    mods = cfg_data.modalities
+
+    if "text" in mods:
+        out["text_ids"] = None
+        if members.get(TEXT_EXT) is not None:
+            if tokenizer is None:
+                raise ValueError("text is in data.modalities but no tokenizer was given "
+                                 "(pass mmer_dist.models.encoders.build_tokenizer(cfg.model.text))")
+            out["text_ids"] = decode_text(members[TEXT_EXT], tokenizer, cfg_data.max_text_tokens, key)
+            if out["text_ids"] is None:
+                out["degraded"].append("text_empty")
+
+    video_ext = _first_ext(members, VIDEO_EXTS)
+    if "audio" in mods:
+        out["audio"] = None
+        audio_ext = _first_ext(members, AUDIO_EXTS)
+        src_ext = audio_ext or video_ext            # no audio member: the video's audio track
+        if src_ext is not None:
+            try:
+                wave = decode_audio(members[src_ext], src_ext, cfg_data.sample_rate, cfg_data.max_audio_seconds,
+                                    train, rng, key)
+            except DecodeError as e:
+                if audio_ext is None:    # the bad member is the video file: count it as such
+                    raise DecodeError("video_corrupt", key, f"audio track: {e.detail}") from e
+                raise
+            if wave is not None and wave.numel() == 0:
+                out["degraded"].append("audio_empty")
+                wave = None
+            elif wave is None and audio_ext is not None:
+                out["degraded"].append("audio_no_stream")
+            out["audio"] = wave
+
+    if "video" in mods:
+        out["video"] = None
+        if video_ext is not None:
+            out["video"] = decode_video(members[video_ext], cfg_data.video_frames, cfg_data.video_size, key)
+            if out["video"] is None:
+                out["degraded"].append("video_empty")
+    return out
+
+
+class Decoder:
+    """Picklable decode step for DataLoader workers: `decoder(members, index=i)` -> sample dict.
+
+    The crop rng is derived from (seed, epoch, index), so a sample decodes identically whichever
+    worker or rank decodes it; evaluation (train=False) crops the centre and needs no rng.
+    """
+
+    def __init__(self, cfg_data: DataConfig, tokenizer: Callable[..., Any] | None, train: bool,
+                 seed: int = 0, epoch: int = 0) -> None:
+        if "text" in cfg_data.modalities and tokenizer is None:
+            raise ValueError("text is in data.modalities but no tokenizer was given "
+                             "(pass mmer_dist.models.encoders.build_tokenizer(cfg.model.text))")
+        self.cfg = cfg_data
+        self.tokenizer = tokenizer
+        self.train = train
+        self.seed = seed
+        self.epoch = epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def rng(self, index: int | None) -> np.random.Generator:
+        salt = index if index is not None else np.random.SeedSequence().entropy % (2**31)
+        return np.random.default_rng([self.seed, self.epoch, int(salt)])
+
+    def __call__(self, members: dict[str, Any], index: int | None = None, key: str | None = None) -> dict[str, Any]:
+        rng = self.rng(index) if self.train else None
+        return decode_sample(members, self.cfg, self.tokenizer, self.train, rng, key=key)
+
+
+def decode_files(video: str | Path | None = None, audio: str | Path | None = None, text: str | None = None,
+                 cfg_data: DataConfig | None = None, tokenizer: Callable[..., Any] | None = None) -> dict[str, Any]:
+    """Decode raw files for `mmer-dist predict`, through the same path as training (eval crop).
+
+    Any subset of video/audio/text; the result is a sample dict with label -1, ready for
+    `Collator(cfg.data)([sample])`. Raises FileNotFoundError / DecodeError naming the file.
+    """
+    if cfg_data is None:
+        raise ValueError("decode_files needs cfg_data (the run's cfg.data)")
+    if video is None and audio is None and not text:
+        raise ValueError("decode_files: give at least one of --video, --audio, --text")
+    members: dict[str, Any] = {}
+    names = []
+    for path, kinds in ((video, VIDEO_EXTS), (audio, AUDIO_EXTS)):
+        if path is None:
+            continue
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no such file")
+        ext = p.suffix.lower().lstrip(".")
+        if ext not in kinds:
+            # unknown container: let PyAV sniff it, under the first name of the right kind
+            ext = "mp4" if kinds is VIDEO_EXTS else "mp3"
+        members[ext] = p.read_bytes()
+        names.append(p.stem)
+    if text:
+        members[TEXT_EXT] = text.encode("utf-8")
+    key = names[0] if names else "text"
+    try:
+        return decode_sample(members, cfg_data, tokenizer, train=False, rng=None, key=key, require_label=False)
+    except DecodeError as e:
+        raise DecodeError(e.reason, key, f"{', '.join(str(x) for x in (video, audio) if x)}: {e.detail}") from e
