@@ -29,16 +29,16 @@ def evaluate_model(model_path: str | Path, shards: str | Path, split: str, out: 
     from mmer_dist.config import replace
     from mmer_dist.data.pipeline import build_eval_loader
     from mmer_dist.models.encoders import build_tokenizer
-    from mmer_dist.report import plot_confusion, plot_curves, plot_per_class_f1, print_table
-    from mmer_dist.shards.schema import load_index, split_index, write_json_atomic
+    from mmer_dist.report import print_table, write_eval_report
+    from mmer_dist.shards.schema import load_index, split_index
     from mmer_dist.train.checkpoint import find_export, load_exported
-    from mmer_dist.train.metrics import EvalAccumulator
+    from mmer_dist.train.loop import run_eval_loader
 
     info = dist.init_process_group()
     export_dir = find_export(model_path)
     model, model_cfg, data_cfg, labels = load_exported(export_dir)
     index = load_index(shards)
-    split_index(index, split, shards)
+    keys = split_index(index, split, shards).keys
     if list(index.labels) != labels:
         raise ValueError(f"the model predicts {labels} but {shards} is labelled {list(index.labels)}; "
                          f"evaluate on shards of the corpus (label set) the model was trained on")
@@ -46,22 +46,15 @@ def evaluate_model(model_path: str | Path, shards: str | Path, split: str, out: 
     tokenizer = build_tokenizer(model_cfg.text) if "text" in data_cfg.modalities else None
     loader = build_eval_loader(str(shards), data_cfg, tokenizer, split=split, rank=info.rank,
                                world_size=info.world_size)
-    acc = EvalAccumulator(labels)
-    with torch.no_grad():
-        for batch in loader:
-            acc.add(batch, model(batch).float())
+    result = run_eval_loader(model, loader, labels, torch.device("cpu"), expected_keys=keys)
     out = Path(out)
-    metrics = acc.gather()
+    metrics = result.metrics
     metrics.update({"split": split, "shards": str(shards), "model": str(export_dir)})
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "metrics.json", metrics)
-        acc.write_predictions(out / "predictions.jsonl")
-        plot_confusion(metrics, out / "confusion.png")
-        plot_per_class_f1(metrics, out / "per_class_f1.png")
+        result.write(out)
         run_dir = export_dir.parent
-        if (run_dir / "log.jsonl").exists():
-            plot_curves(run_dir, out / "curves.png")
+        write_eval_report(metrics, out, run_dir if (run_dir / "log.jsonl").exists() else None)
         print(print_table(metrics))
         print(f"\nwrote {out / 'metrics.json'}, predictions.jsonl and plots "
               f"({', '.join(sorted(p.name for p in out.glob('*.png')))}) in {out}")

@@ -155,27 +155,38 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def evaluate(model: torch.nn.Module, loader: Any, accelerator: Any, labels: list[str], loss_fn: Any) -> dict[str, Any]:
-    """Metrics over the whole split, each sample exactly once, on every rank (same numbers)."""
+def run_eval_loader(model: torch.nn.Module, loader: Any, labels: list[str], device: torch.device,
+                    loss_fn: Any = None, expected_keys: list[str] | None = None) -> Any:
+    """Predict over this rank's part of a split and gather: every sample exactly once, padding
+    duplicates dropped, the same `EvalResult` on every rank (a collective)."""
     from mmer_dist.train.metrics import EvalAccumulator
 
+    was_training = model.training
     model.eval()
     acc = EvalAccumulator(labels)
-    loss_sum = torch.zeros(2)
     with torch.no_grad():
         for batch in loader:
-            batch = _to_device(batch, accelerator.device)
+            batch = _to_device(batch, device)
             logits = model(batch).float()
-            keep = ~batch["pad"] if "pad" in batch else torch.ones(len(batch["labels"]), dtype=torch.bool)
-            if keep.any():
-                loss_sum += torch.tensor([loss_fn(logits[keep], batch["labels"][keep]).item() * int(keep.sum()),
-                                          float(keep.sum())])
-            acc.add(batch, logits)
-    metrics = acc.gather()   # collective: every rank gets the same metrics
-    total = dist.all_reduce_sum(loss_sum)
-    metrics["loss"] = float(total[0] / max(total[1], 1.0))
-    model.train()
-    return metrics
+            losses = (torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+                      if loss_fn is not None else None)
+            acc.add(batch["keys"], batch["labels"].cpu(), torch.softmax(logits, -1).cpu(),
+                    is_padding=batch["pad"].cpu() if "pad" in batch else None,
+                    losses=losses.cpu() if losses is not None else None)
+    result = acc.gather(expected_keys=expected_keys)
+    model.train(was_training)
+    return result
+
+
+def param_checksum(model: torch.nn.Module) -> str:
+    """A hash of every parameter's bytes (this rank's view; ZeRO-3 shards differ by design)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _unwrapped_state_dict(accelerator: Any, model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -224,6 +235,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
                                       world_size=world, seed=cfg.train.seed)
     eval_loader = build_eval_loader(cfg.data.shards, cfg.data, tokenizer, split=cfg.data.eval_split,
                                     rank=rank, world_size=world)
+    eval_keys = split_index(index, cfg.data.eval_split).keys
     batches_per_epoch = len(train_loader)
     steps_per_epoch = max(1, batches_per_epoch // cfg.train.grad_accum)
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
@@ -256,7 +268,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         save_checkpoint(accelerator, run_dir, state, extra, cfg.train.keep_checkpoints)
 
     def run_eval() -> None:
-        metrics = evaluate(model, eval_loader, accelerator, labels, loss_fn)
+        metrics = run_eval_loader(model, eval_loader, labels, accelerator.device, loss_fn, eval_keys).metrics
         per_class = {k: v["f1"] for k, v in metrics["per_class"].items()}
         log.write({"step": state.step, "epoch": state.epoch, "split": cfg.data.eval_split,
                    **{k: metrics[k] for k in ("macro_f1", "weighted_f1", "accuracy", "uar", "loss")}}, per_class)
@@ -330,14 +342,14 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
 
     # Final: the best checkpoint, evaluated on the eval split, exported with its metrics.
     accelerator.wait_for_everyone()
-    final = _final_metrics(run_dir, cfg, accelerator, model, eval_loader, labels, loss_fn, state, log)
+    final = _final_metrics(run_dir, cfg, accelerator, model, eval_loader, labels, loss_fn, eval_keys, state)
     log.close()
     accelerator.end_training() if hasattr(accelerator, "end_training") else None
     return final
 
 
 def _final_metrics(run_dir: Path, cfg: Config, accelerator: Any, model: Any, eval_loader: Any,
-                   labels: list[str], loss_fn: Any, state: TrainerState, log: RunLog) -> dict[str, Any]:
+                   labels: list[str], loss_fn: Any, eval_keys: list[str], state: TrainerState) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     best = run_dir / "best" / "model.safetensors"
@@ -346,16 +358,22 @@ def _final_metrics(run_dir: Path, cfg: Config, accelerator: Any, model: Any, eva
         if accelerator.is_main_process:
             export_model(sd, cfg.model, cfg.data, labels, run_dir / "best", {"step": state.step})
         accelerator.wait_for_everyone()
+    # Replicas must agree after training; record each rank's checksum (tests assert they are equal).
+    checksums = dist.all_gather_object(param_checksum(accelerator.unwrap_model(model)))
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.state.deepspeed_plugin is None or accelerator.state.deepspeed_plugin.zero_stage < 3:
         unwrapped.load_state_dict(load_file(str(best)))
-    metrics = evaluate(model, eval_loader, accelerator, labels, loss_fn)
+    metrics = run_eval_loader(model, eval_loader, labels, accelerator.device, loss_fn, eval_keys).metrics
     metrics.update({"split": cfg.data.eval_split, "best_step": state.best_step, "steps": state.step,
                     "samples_seen": state.samples_seen, "shards": str(cfg.data.shards)})
     if accelerator.is_main_process:
         from mmer_dist.shards.schema import write_json_atomic
 
         write_json_atomic(run_dir / "metrics.json", metrics)
+        write_json_atomic(run_dir / "train_state.json", {**state.to_json(), "param_checksums": checksums,
+                                                        "world_size": accelerator.num_processes})
+        if len(set(checksums)) > 1:
+            print(f"WARNING: model replicas differ across ranks after training: {checksums}", file=sys.stderr)
         export_model(load_file(str(best)), cfg.model, cfg.data, labels, run_dir / "export",
                      {"step": state.best_step, "macro_f1": metrics["macro_f1"], "split": cfg.data.eval_split})
         print(f"done: {cfg.data.eval_split} macro-F1 {metrics['macro_f1']:.4f} (best step {state.best_step}); "
