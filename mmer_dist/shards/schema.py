@@ -12,7 +12,8 @@ A shards folder holds, per split, WebDataset tars and their index:
 Members of one sample (a modality the utterance lacks is absent, never empty):
 
     KEY.json   metadata: corpus, split, label, label_id, labels (the label set), speaker,
-               duration, source, profile, plus corpus fields (dialogue/utterance ids, RAVDESS codes)
+               duration, source, profile, modalities, plus `meta`: the corpus fields (dialogue/utterance
+               ids, RAVDESS codes); raw profile with audio inside the video file: "audio_member": "mp4"
     KEY.txt    transcript, UTF-8
     KEY.flac   audio: mono 16 kHz FLAC (profile train) / KEY.wav etc. original bytes (profile raw)
     KEY.mp4    video: re-encoded to the training profile, or the original bytes (profile raw)
@@ -72,6 +73,8 @@ class ShardStats:
     class_counts: dict[str, int]
     modalities: dict[str, int]         # modality -> number of samples that have it
     duration: float
+    skipped: list[dict[str, Any]] = field(default_factory=list)   # inputs dropped/degraded while packing:
+                                       # {key, reason, path, modalities, dropped, detail}
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
