@@ -1,0 +1,652 @@
+"""The distributed weighted sampler, the class-weight helpers, the streaming class balancer, eval splits.
+
+Training (map-style loader over the shard index):
+
+    cw = class_weights(counts, "inverse")                     # per class, from the index's class counts
+    sampler = DistributedWeightedSampler(sample_weights(labels, cw), seed=cfg.seed)
+    loader = DataLoader(dataset, batch_size=B, sampler=sampler, num_workers=W)
+    for epoch in ...:
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            ...train...
+            sampler.advance(B)              # what the loop consumed, NOT what __iter__ yielded
+            state = sampler.state_dict()    # a fresh sampler that loads it yields exactly the rest
+
+Evaluation: `eval_indices(n, num_replicas, rank)` / `DistributedEvalSampler` (equal length per rank,
+padding flagged so metrics drop it). Streaming: `ClassBalancedStream` (a WebDataset stage).
+
+The global draw. Every rank derives the same sequence of `total = num_samples * num_replicas`
+dataset indices from (seed, epoch) and keeps the global positions `rank, rank + R, rank + 2R, ...`
+(strided). Strided, because then global batch k (the k-th local batch of every rank, together) is
+exactly the contiguous chunk k of the global draw, whatever R is: the same data order as one
+process with an R-times larger batch. Random numbers come from `torch.Generator`s seeded with a
+mix of (seed, epoch, block) for fixed blocks of 2**20 numbers, so the draw is defined independently
+of how it is computed and a rank never materialises more than one block of the other ranks' share.
+
+* replacement=True: position p gets index F^-1(U_p), the inverse CDF of `weights` at a uniform
+  U_p, i.e. i.i.d. draws with P(i) = w_i / sum(w) (the distribution of torch.multinomial; the union
+  over ranks follows `weights`). A rank looks up its uniforms in sorted order, so its binary
+  searches walk the CDF forwards (8x faster than random-order lookups at 10M weights).
+* replacement=False: a weighted random permutation of the items with w_i > 0 (Efraimidis-Spirakis:
+  order by the exponential race E_i / w_i, E_i ~ Exp(1)); weights shape the order, every drawable
+  item appears once per pass. The keys are packed with the item index into one uint64 and sorted
+  in place (0.75 s instead of 1.6 s for an argsort at 10M items, and no index array): keys keep
+  64 - ceil(log2 n) bits (39 at 10M items, a relative resolution of ~4e-9), equal keys are ordered
+  by index — a negligible bias. All-equal weights use torch.randperm (a uniform permutation).
+  When `total` exceeds the m drawable items the permutation is repeated (wrapped) to fill it:
+  global positions p >= m are padding duplicates (`num_padding`, `rank_padding`); when it is
+  smaller, the last m - total items of the order are not drawn this epoch.
+
+Mid-epoch resume. DataLoader workers prefetch ahead (2 x num_workers batches by default), so the
+number of indices `__iter__` has handed out is more than the training loop has consumed; saving
+that would skip the prefetched-but-unused samples on resume. The sampler therefore keeps a
+`position` counter that only the loop moves, with `advance(n)` after each batch it trained on
+(or `seek(n)` to set it absolutely, e.g. batches_done * batch_size). `advance` clamps at the end of
+the epoch, so the loop may call `advance(batch_size)` for the short last batch too; a batch that
+lost samples to decode failures still consumed batch_size indices. A loop that never advances
+resumes at the start of the epoch (it repeats, it never skips). The state is rank-independent
+(every rank is at the same position by construction), so a checkpoint may keep rank 0's state.
+
+Scale (benchmarks/sampler.py, 10M weights): one epoch is planned per rank in well under 2 s with
+O(n) float64 working memory (the CDF or the packed keys, 80 MB at 10M) plus the rank's share.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from mmer_dist import dist
+
+__all__ = [
+    "SCHEMES",
+    "DistributedWeightedSampler",
+    "DistributedEvalSampler",
+    "ClassBalancedStream",
+    "class_counts",
+    "class_weights",
+    "sample_weights",
+    "expected_class_distribution",
+    "class_target_distribution",
+    "eval_indices",
+]
+
+SCHEMES: tuple[str, ...] = ("none", "inverse", "sqrt_inverse", "effective_number", "manual")
+
+_BLOCK = 1 << 20            # random numbers per seeded generator block (part of the draw's definition)
+_MASK64 = (1 << 64) - 1
+_STATE_FORMAT = "mmer_dist.DistributedWeightedSampler/1"
+
+
+# --------------------------------------------------------------------------- random numbers
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _mix(*parts: int) -> int:
+    """A 63-bit seed from integers (any sign); different tuples give unrelated seeds."""
+    h = 0x6A09E667F3BCC908
+    for p in parts:
+        h = _splitmix64(h ^ (int(p) & _MASK64))
+    return h >> 1
+
+
+def _uniform_block(seed: int, epoch: int, stream: int, block: int, length: int) -> np.ndarray:
+    """Uniforms in [0, 1) of block `block` of a stream: a torch.Generator seeded by the tuple."""
+    g = torch.Generator().manual_seed(_mix(seed, epoch, stream, block))
+    return torch.rand(length, generator=g, dtype=torch.float64).numpy()
+
+
+_STREAM_WITH = 1          # uniforms indexed by global position (replacement=True)
+_STREAM_WITHOUT = 2       # uniforms indexed by item (replacement=False keys)
+_STREAM_PERM = 3          # torch.randperm seed (replacement=False, all weights equal)
+
+
+# --------------------------------------------------------------------------- validation
+
+def _as_weights(weights: Any) -> np.ndarray:
+    """Per-sample weights as a 1-D float64 array, refusing empty / NaN / inf / negative / all-zero."""
+    if isinstance(weights, torch.Tensor):
+        arr = weights.detach().cpu().numpy()
+    else:
+        arr = np.asarray(weights)
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise ValueError(f"weights must be numbers, got dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr, dtype=np.float64)
+    if arr.ndim != 1:
+        raise ValueError(f"weights must be 1-D (one weight per dataset sample), got shape {tuple(arr.shape)}")
+    if arr.size == 0:
+        raise ValueError("weights is empty: the dataset split has no samples (check the split name and the index)")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"weights[{i}] = {arr[i]}: weights must be finite ({int(bad.sum())} NaN/inf in total)")
+    neg = arr < 0
+    if neg.any():
+        i = int(np.argmax(neg))
+        raise ValueError(f"weights[{i}] = {arr[i]}: weights must be >= 0 ({int(neg.sum())} negative in total)")
+    if not (arr > 0).any():
+        raise ValueError(f"all {arr.size} weights are zero: nothing can be drawn "
+                         "(a class weight of 0 for every class present? check sampler.class_weights)")
+    return arr
+
+
+def _check_world(num_replicas: int, rank: int) -> None:
+    if num_replicas < 1:
+        raise ValueError(f"num_replicas={num_replicas} must be >= 1")
+    if not 0 <= rank < num_replicas:
+        raise ValueError(f"rank={rank} must be in [0, num_replicas={num_replicas})")
+
+
+# --------------------------------------------------------------------------- training sampler
+
+class DistributedWeightedSampler(Sampler[int]):
+    """Dataset indices for this rank: its strided share of one global weighted draw per (seed, epoch).
+
+    Args:
+        weights: one non-negative weight per dataset sample (list, ndarray or tensor; not all zero).
+        num_replicas: number of ranks (default: `mmer_dist.dist.world_size()`).
+        rank: this rank (default: `mmer_dist.dist.rank()`).
+        num_samples: indices per rank per epoch (default: ceil(len(weights) / num_replicas) with
+            replacement, ceil(#positive weights / num_replicas) without, i.e. one pass).
+        seed: seed of the global draw; the same on every rank.
+        replacement: i.i.d. draws following `weights` (True) or a weighted permutation (False).
+
+    Every rank yields exactly `num_samples` indices per epoch (fewer after a mid-epoch resume:
+    the rest). See the module docstring for the draw and the `advance`/`state_dict` protocol.
+    """
+
+    def __init__(self, weights: Any, num_replicas: int | None = None, rank: int | None = None,
+                 num_samples: int | None = None, seed: int = 0, replacement: bool = True) -> None:
+        self.weights = _as_weights(weights)
+        self.num_replicas = dist.world_size() if num_replicas is None else int(num_replicas)
+        self.rank = dist.rank() if rank is None else int(rank)
+        _check_world(self.num_replicas, self.rank)
+        self.replacement = bool(replacement)
+        self.seed = int(seed)
+        self.num_drawable = int(np.count_nonzero(self.weights))
+        if num_samples is None:
+            base = self.weights.size if self.replacement else self.num_drawable
+            num_samples = math.ceil(base / self.num_replicas)
+        if int(num_samples) < 1:
+            raise ValueError(f"num_samples={num_samples} must be >= 1 (indices per rank per epoch)")
+        self.num_samples = int(num_samples)
+        self.total_size = self.num_samples * self.num_replicas
+        self.epoch = 0
+        self._position = 0          # indices of this epoch consumed by the training loop (this rank)
+        self._start = 0             # position when the current/last iteration began (for __len__)
+        self._fingerprint: str | None = None
+        self._plan_cache: tuple[int, np.ndarray] | None = None
+
+    # ---- epoch and position
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's draw. A new epoch starts at position 0; the current epoch keeps its
+        position (so the usual `set_epoch(epoch)` at the top of a resumed epoch keeps the resume)."""
+        epoch = int(epoch)
+        if epoch < 0:
+            raise ValueError(f"epoch={epoch} must be >= 0")
+        if epoch != self.epoch:
+            self.epoch, self._position, self._start = epoch, 0, 0
+
+    @property
+    def position(self) -> int:
+        """Indices of the current epoch this rank's training loop has consumed."""
+        return self._position
+
+    def advance(self, n: int) -> int:
+        """Record that the loop consumed `n` more indices (clamped at the epoch's end); returns the position."""
+        if n < 0:
+            raise ValueError(f"advance(n={n}): n must be >= 0")
+        self._position = min(self.num_samples, self._position + int(n))
+        return self._position
+
+    def seek(self, position: int) -> None:
+        """Set the consumed count of the current epoch absolutely (e.g. batches_done * batch_size)."""
+        if not 0 <= position <= self.num_samples:
+            raise ValueError(f"seek({position}): position must be in [0, num_samples={self.num_samples}]")
+        self._position = self._start = int(position)
+
+    # ---- padding bookkeeping (replacement=False only; with replacement every draw is i.i.d.)
+
+    @property
+    def num_padding(self) -> int:
+        """Global positions of an epoch that repeat an earlier item to fill `total_size` (wrap padding)."""
+        return 0 if self.replacement else max(0, self.total_size - self.num_drawable)
+
+    @property
+    def rank_padding(self) -> int:
+        """How many of this rank's `num_samples` positions are padding duplicates."""
+        if self.replacement:
+            return 0
+        first = self.num_drawable - self.rank        # local t is padding when rank + R*t >= m
+        first_pad_t = max(0, math.ceil(first / self.num_replicas))
+        return max(0, self.num_samples - first_pad_t)
+
+    def is_padding(self) -> np.ndarray:
+        """Bool mask over this rank's `num_samples` positions: True = a wrap-padding duplicate."""
+        t = np.arange(self.num_samples, dtype=np.int64)
+        if self.replacement:
+            return np.zeros(self.num_samples, dtype=bool)
+        return self.rank + self.num_replicas * t >= self.num_drawable
+
+    # ---- the draw
+
+    def _local_with_replacement(self, rank: int, num_replicas: int) -> np.ndarray:
+        w = self.weights
+        cdf = np.cumsum(w)
+        total_w = cdf[-1]
+        last_positive = w.size - 1 - int(np.argmax(w[::-1] > 0))
+        # Gather this rank's uniforms block by block (positions rank + R*t), never the whole stream.
+        u = np.empty(self.num_samples, dtype=np.float64)
+        t0 = 0
+        for block in range(math.ceil(self.total_size / _BLOCK)):
+            lo = block * _BLOCK
+            hi = min(lo + _BLOCK, self.total_size)
+            first = lo + (rank - lo) % num_replicas          # first position >= lo owned by `rank`
+            if first >= hi:
+                continue
+            vals = _uniform_block(self.seed, self.epoch, _STREAM_WITH, block, hi - lo)[first - lo::num_replicas]
+            u[t0:t0 + vals.size] = vals
+            t0 += vals.size
+        assert t0 == self.num_samples, (t0, self.num_samples)
+        order = np.argsort(u, kind="stable")
+        targets = u[order]
+        targets *= total_w
+        found = np.searchsorted(cdf, targets, side="right")   # sorted queries: forward walk over the CDF
+        del cdf, targets
+        np.minimum(found, last_positive, out=found)           # u * W rounding up to W
+        out = np.empty(self.num_samples, dtype=np.int64)
+        out[order] = found
+        return out
+
+    def _global_order_without(self) -> np.ndarray:
+        """The epoch's weighted permutation of the drawable items (length num_drawable)."""
+        w = self.weights
+        n, m = w.size, self.num_drawable
+        if m == n and w.min() == w.max():
+            g = torch.Generator().manual_seed(_mix(self.seed, self.epoch, _STREAM_PERM, 0))
+            return torch.randperm(n, generator=g).numpy()
+        idx_bits = max(1, (n - 1).bit_length())
+        packed = np.empty(n, dtype=np.uint64)
+        keys = packed.view(np.float64)
+        for block in range(math.ceil(n / _BLOCK)):
+            lo, hi = block * _BLOCK, min((block + 1) * _BLOCK, n)
+            u = _uniform_block(self.seed, self.epoch, _STREAM_WITHOUT, block, hi - lo)
+            with np.errstate(divide="ignore"):
+                np.divide(-np.log1p(-u), w[lo:hi], out=keys[lo:hi])       # E_i / w_i; w_i = 0 -> +inf
+            keys[lo:hi] += 0.0                                                # -0.0 -> +0.0 (sign bit)
+            # Positive floats order like their bit patterns: keep the top bits, put the index below.
+            seg = packed[lo:hi]
+            seg >>= np.uint64(idx_bits)
+            seg <<= np.uint64(idx_bits)
+            seg |= np.arange(lo, hi, dtype=np.uint64)
+        packed.sort()
+        order = packed[:m]
+        order &= np.uint64((1 << idx_bits) - 1)
+        return order.view(np.int64)
+
+    def _local_without_replacement(self, rank: int, num_replicas: int) -> np.ndarray:
+        order = self._global_order_without()
+        pos = rank + num_replicas * np.arange(self.num_samples, dtype=np.int64)
+        if self.total_size > order.size:
+            pos %= order.size
+        return order[pos]
+
+    def local_indices(self) -> np.ndarray:
+        """This rank's whole epoch (int64, `num_samples` long), computed once per epoch and cached."""
+        if self._plan_cache is None or self._plan_cache[0] != self.epoch:
+            self._plan_cache = None
+            plan = (self._local_with_replacement if self.replacement
+                    else self._local_without_replacement)(self.rank, self.num_replicas)
+            self._plan_cache = (self.epoch, plan)
+        return self._plan_cache[1]
+
+    def global_indices(self) -> np.ndarray:
+        """The whole global draw of the epoch (total_size long); rank r's share is `[r::num_replicas]`.
+        For tests and tools: it costs num_replicas times a rank's plan."""
+        out = np.empty(self.total_size, dtype=np.int64)
+        if not self.replacement:
+            order = self._global_order_without()
+            pos = np.arange(self.total_size, dtype=np.int64) % order.size
+            return order[pos]
+        for r in range(self.num_replicas):
+            out[r::self.num_replicas] = self._local_with_replacement(r, self.num_replicas)
+        return out
+
+    def __iter__(self) -> Iterator[int]:
+        plan = self.local_indices()
+        self._start = start = self._position
+        # Lazily, in chunks: never a Python list of the whole epoch.
+        for lo in range(start, self.num_samples, 8192):
+            yield from plan[lo:min(lo + 8192, self.num_samples)].tolist()
+
+    def __len__(self) -> int:
+        """Indices the next/current iteration yields: num_samples minus the position it starts at."""
+        return self.num_samples - self._start
+
+    # ---- checkpointing
+
+    def fingerprint(self) -> str:
+        """Cheap identity of the weights (count, positives, CRC32 of the float64 bytes)."""
+        if self._fingerprint is None:
+            crc = zlib.crc32(memoryview(self.weights).cast("B"))
+            self._fingerprint = f"n={self.weights.size}:pos={self.num_drawable}:crc32={crc:08x}"
+        return self._fingerprint
+
+    def state_dict(self) -> dict[str, Any]:
+        """Epoch, consumed position and the identity of the draw; json-serialisable."""
+        return {
+            "format": _STATE_FORMAT,
+            "epoch": self.epoch,
+            "seed": self.seed,
+            "position": self._position,
+            "num_replicas": self.num_replicas,
+            "num_samples": self.num_samples,
+            "replacement": self.replacement,
+            "weights_fingerprint": self.fingerprint(),
+            "rank": self.rank,          # informational: positions are equal on every rank
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the saved epoch at the saved position; refuses a state from a different draw."""
+        if not isinstance(state, Mapping) or state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"not a DistributedWeightedSampler state (expected format {_STATE_FORMAT!r}, "
+                             f"got {state.get('format') if isinstance(state, Mapping) else type(state).__name__!r})")
+        checks = {
+            "num_replicas": (self.num_replicas, "the world size changed; resume with the same number of processes"),
+            "num_samples": (self.num_samples, "samples per rank changed (dataset size, world size or num_samples)"),
+            "replacement": (self.replacement, "sampler.replacement changed"),
+            "seed": (self.seed, "sampler.seed changed"),
+            "weights_fingerprint": (self.fingerprint(), "the weights changed (other shards, split or weighting scheme)"),
+        }
+        for key, (mine, why) in checks.items():
+            if state.get(key) != mine:
+                raise ValueError(f"cannot resume sampler: saved {key}={state.get(key)!r} but this run has "
+                                 f"{key}={mine!r}: {why}. Resume with the original configuration, "
+                                 f"or start the epoch afresh without loading the sampler state.")
+        position = int(state["position"])
+        if not 0 <= position <= self.num_samples:
+            raise ValueError(f"saved position={position} outside [0, num_samples={self.num_samples}]")
+        epoch = int(state["epoch"])
+        if epoch < 0:
+            raise ValueError(f"saved epoch={epoch} must be >= 0")
+        self.epoch, self._position, self._start = epoch, position, position
+
+
+# --------------------------------------------------------------------------- evaluation split
+
+def eval_indices(n: int, num_replicas: int | None = None,
+                 rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of 0..n-1 for evaluation: (indices LongTensor, is_padding BoolTensor).
+
+    Strided (rank r gets r, r+R, r+2R, ...), ceil(n/R) long on every rank; positions past n wrap
+    to the start and are flagged is_padding so metrics drop them: over all ranks, the non-padding
+    indices are 0..n-1, each exactly once, and there are R*ceil(n/R) - n padding rows in total.
+    """
+    num_replicas = dist.world_size() if num_replicas is None else int(num_replicas)
+    rank = dist.rank() if rank is None else int(rank)
+    _check_world(num_replicas, rank)
+    if n < 0:
+        raise ValueError(f"n={n} must be >= 0")
+    per = math.ceil(n / num_replicas)
+    pos = rank + num_replicas * torch.arange(per, dtype=torch.int64)
+    padding = pos >= n
+    return (pos % n if n else pos), padding
+
+
+class DistributedEvalSampler(Sampler[int]):
+    """Sampler over `eval_indices(n, num_replicas, rank)`; `.is_padding` aligns with what it yields."""
+
+    def __init__(self, n: int, num_replicas: int | None = None, rank: int | None = None) -> None:
+        self.indices, self.is_padding = eval_indices(n, num_replicas, rank)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices.tolist())
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())
+
+    @property
+    def num_padding(self) -> int:
+        return int(self.is_padding.sum())
+
+
+# --------------------------------------------------------------------------- class weights
+
+def class_counts(labels: Any, num_classes: int) -> np.ndarray:
+    """Samples per class id (int64, num_classes long); refuses label ids outside [0, num_classes)."""
+    y = _as_labels(labels, num_classes)
+    return np.bincount(y, minlength=num_classes).astype(np.int64)
+
+
+def _as_labels(labels: Any, num_classes: int | None) -> np.ndarray:
+    y = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if y.ndim != 1:
+        raise ValueError(f"labels must be 1-D (one label id per sample), got shape {tuple(y.shape)}")
+    if y.size and not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"labels must be integer class ids, got dtype {y.dtype}")
+    y = y.astype(np.int64, copy=False)
+    if y.size:
+        hi = num_classes if num_classes is not None else np.iinfo(np.int64).max
+        bad = (y < 0) | (y >= hi)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"labels[{i}] = {y[i]} is not a class id in [0, {hi}) "
+                             f"({int(bad.sum())} such labels); check the label set of the index")
+    return y
+
+
+def _as_counts(counts: Any, label_names: Sequence[str] | None) -> np.ndarray:
+    if isinstance(counts, Mapping):
+        if label_names is None:
+            raise ValueError("class counts given by name need label_names=... to fix the class order")
+        unknown = sorted(set(counts) - set(label_names))
+        if unknown:
+            raise ValueError(f"class counts for unknown labels {unknown}; valid: {', '.join(label_names)}")
+        counts = [counts.get(name, 0) for name in label_names]
+    c = counts.detach().cpu().numpy() if isinstance(counts, torch.Tensor) else np.asarray(counts)
+    if c.ndim != 1 or c.size == 0:
+        raise ValueError(f"class counts must be a non-empty 1-D sequence, got shape {tuple(c.shape)}")
+    c = c.astype(np.float64)
+    if not np.isfinite(c).all() or (c < 0).any():
+        i = int(np.argmax(~np.isfinite(c) | (c < 0)))
+        raise ValueError(f"class count [{i}] = {c[i]} must be a finite number >= 0")
+    if label_names is not None and len(label_names) != c.size:
+        raise ValueError(f"{c.size} class counts but {len(label_names)} label_names")
+    return c
+
+
+def class_weights(counts: Any, scheme: str, beta: float = 0.999, manual: Mapping[str, float] | None = None,
+                  label_names: Sequence[str] | None = None) -> np.ndarray:
+    """Per-class weights (float64, one per class) from per-class sample counts.
+
+    `counts`: a sequence/array of counts in class-id order, or a {label name: count} mapping
+    (then `label_names` gives the order; use `class_counts(labels, C)` to count label ids).
+
+    * none: 1 for every class (plain shuffle).
+    * inverse: 1 / n_c.   * sqrt_inverse: 1 / sqrt(n_c).
+    * effective_number (Cui et al., CVPR 2019): (1 - beta) / (1 - beta ** n_c).
+    * manual: `manual[name]` by label name (needs `label_names`); names not in the label set are an
+      error listing the valid ones; classes the mapping leaves out get 1.0. Used as given (not rescaled).
+
+    inverse / sqrt_inverse / effective_number give 0 to classes with no samples and are rescaled so
+    the classes present sum to their number (Cui et al.'s normalisation): the same weights then
+    suit a loss as well as a sampler (for which only ratios matter).
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown weighting scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
+    c = _as_counts(counts, label_names)
+    present = c > 0
+    if scheme == "none":
+        return np.ones_like(c)
+    if scheme == "manual":
+        if manual is None or label_names is None:
+            raise ValueError("weighting=manual needs manual={label: weight, ...} and label_names")
+        unknown = sorted(set(manual) - set(label_names))
+        if unknown:
+            raise ValueError(f"manual class weights name unknown labels {unknown}; valid: {', '.join(label_names)}")
+        w = np.array([float(manual.get(name, 1.0)) for name in label_names], dtype=np.float64)
+        bad = ~np.isfinite(w) | (w < 0)
+        if bad.any():
+            name = label_names[int(np.argmax(bad))]
+            raise ValueError(f"manual class weight for {name!r} = {manual[name]} must be finite and >= 0")
+        return w
+    if not present.any():
+        raise ValueError(f"every class count is zero ({c.tolist()}): no weights can be derived")
+    w = np.zeros_like(c)
+    if scheme == "inverse":
+        w[present] = 1.0 / c[present]
+    elif scheme == "sqrt_inverse":
+        w[present] = 1.0 / np.sqrt(c[present])
+    else:
+        if not 0.0 < beta < 1.0:
+            raise ValueError(f"beta={beta} must be in (0, 1) for effective_number, e.g. 0.999")
+        # 1 - beta**n computed as -expm1(n*log(beta)): exact for beta close to 1.
+        w[present] = (1.0 - beta) / -np.expm1(c[present] * math.log(beta))
+    w *= present.sum() / w.sum()
+    return w
+
+
+def sample_weights(labels: Any, class_w: Any) -> np.ndarray:
+    """Per-sample weights: `class_w[label]` of each sample (float64); refuses out-of-range labels."""
+    cw = class_w.detach().cpu().numpy() if isinstance(class_w, torch.Tensor) else np.asarray(class_w, dtype=np.float64)
+    cw = cw.astype(np.float64, copy=False)
+    if cw.ndim != 1:
+        raise ValueError(f"class weights must be 1-D, got shape {tuple(cw.shape)}")
+    y = _as_labels(labels, cw.size)
+    return cw[y]
+
+
+def expected_class_distribution(labels: Any, sample_w: Any, num_classes: int | None = None) -> np.ndarray:
+    """P(class c) of one draw from `sample_w`: sum of the weights of class c over the total."""
+    w = _as_weights(sample_w)
+    y = _as_labels(labels, num_classes)
+    if y.size != w.size:
+        raise ValueError(f"{y.size} labels but {w.size} sample weights")
+    k = num_classes if num_classes is not None else int(y.max()) + 1
+    mass = np.bincount(y, weights=w, minlength=k)
+    return mass / mass.sum()
+
+
+def class_target_distribution(counts: Any, class_w: Any) -> np.ndarray:
+    """The class distribution a weighted draw reaches: p_c proportional to n_c * w_c (for ClassBalancedStream)."""
+    c = _as_counts(counts, None)
+    cw = np.asarray(class_w, dtype=np.float64)
+    if cw.shape != c.shape:
+        raise ValueError(f"{c.size} class counts but {cw.size} class weights")
+    mass = c * cw
+    if not mass.sum() > 0:
+        raise ValueError("no class has both samples and a positive weight")
+    return mass / mass.sum()
+
+
+# --------------------------------------------------------------------------- streaming balance
+
+def _default_label(item: Any) -> int:
+    if isinstance(item, Mapping):
+        for key in ("label_id", "label", "labels"):
+            if key in item:
+                value = item[key]
+                return int(value.item() if isinstance(value, torch.Tensor) else value)
+        raise KeyError(f"sample {item.get('__key__', '?')!r} has no label_id/label field; pass label_of=...")
+    return int(item[1])
+
+
+class ClassBalancedStream:
+    """A stream stage whose output labels follow `target` (class probabilities), whatever the input mix.
+
+    Per-class buffers mixed by the target: for each output, draw a class c ~ target, then pull
+    items from the source (buffering each under its label) until class c's buffer holds one, and
+    emit a random item of it. So every output's label is c with probability exactly target_c, with
+    no knowledge of the source distribution; items are emitted at most once. Each buffer holds at
+    most `buffer_size` items; an item arriving at a full buffer replaces a random one there and the
+    replaced item is counted as dropped (majority classes are thinned, not repeated: pair this with
+    an endless, resampled shard stream). A finite source ends the balanced stream the first time the
+    drawn class has nothing buffered and the source is exhausted (left-overs counted as dropped).
+
+    Use as a WebDataset stage (`pipeline.append(ClassBalancedStream(p, seed=s))`) or call it on any
+    iterator. Items pass through unchanged; the label comes from `label_of(item)` (default: item[1]
+    of a tuple, or item["label_id"] / item["label"] of a dict). The random stream is seeded from
+    (seed, rank, DataLoader worker id, epoch), so workers and ranks draw differently; call
+    set_epoch() for a new stream each epoch. Tolerance: the output class frequencies of N items
+    are multinomial(N, target): |freq_c - target_c| <= 5 * sqrt(target_c (1 - target_c) / N).
+
+    `stats` (per worker process) counts pulled, emitted and dropped items per class.
+    """
+
+    def __init__(self, target: Sequence[float] | np.ndarray, *, label_of: Callable[[Any], int] | None = None,
+                 buffer_size: int = 64, seed: int = 0, patience: int = 100_000) -> None:
+        p = np.asarray(target, dtype=np.float64)
+        if p.ndim != 1 or p.size == 0 or not np.isfinite(p).all() or (p < 0).any() or not p.sum() > 0:
+            raise ValueError(f"target class probabilities must be a non-empty 1-D list of finite numbers >= 0 "
+                             f"with a positive sum, got {np.asarray(target).tolist()}")
+        if buffer_size < 1:
+            raise ValueError(f"buffer_size={buffer_size} must be >= 1")
+        self.target = p / p.sum()
+        self.label_of = label_of or _default_label
+        self.buffer_size = int(buffer_size)
+        self.seed = int(seed)
+        self.patience = int(patience)
+        self.epoch = 0
+        k = self.target.size
+        self.stats: dict[str, np.ndarray] = {"pulled": np.zeros(k, np.int64), "emitted": np.zeros(k, np.int64),
+                                             "dropped": np.zeros(k, np.int64)}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _rng(self) -> np.random.Generator:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else -1
+        return np.random.default_rng(_mix(self.seed, dist.rank(), worker, self.epoch))
+
+    def __call__(self, source: Iterable[Any]) -> Iterator[Any]:
+        rng = self._rng()
+        k = self.target.size
+        buffers: list[list[Any]] = [[] for _ in range(k)]
+        it = iter(source)
+        cum = np.cumsum(self.target)
+        stats = self.stats
+        while True:
+            c = min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), k - 1)
+            while self.target[c] == 0:     # guard against rounding onto a zero-probability class
+                c = min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), k - 1)
+            waited = 0
+            while not buffers[c]:
+                try:
+                    item = next(it)
+                except StopIteration:
+                    for label, buf in enumerate(buffers):
+                        stats["dropped"][label] += len(buf)
+                    return
+                label = self.label_of(item)
+                if not 0 <= label < k:
+                    raise ValueError(f"stream item with label id {label}, outside [0, {k}) of the target "
+                                     f"({k} classes); the target and the shards disagree on the label set")
+                stats["pulled"][label] += 1
+                buf = buffers[label]
+                if len(buf) < self.buffer_size:
+                    buf.append(item)
+                else:
+                    buf[int(rng.integers(len(buf)))] = item
+                    stats["dropped"][label] += 1
+                waited += 1
+                if waited > self.patience and not buffers[c]:
+                    raise RuntimeError(f"class {c} has target probability {self.target[c]:.4g} but none of the "
+                                       f"last {waited} stream items has it; give it target 0 or check the shards")
+            buf = buffers[c]
+            j = int(rng.integers(len(buf)))
+            buf[j], buf[-1] = buf[-1], buf[j]
+            stats["emitted"][c] += 1
+            yield buf.pop()
