@@ -93,6 +93,10 @@ class DataConfig:
     """Optimizer-independent loader steps per epoch on every rank; 0 = the split size / global batch."""
     shuffle_buffer: int = 1000
     """Streaming mode only: samples held in the per-worker shuffle buffer."""
+    stream_resample: bool = True
+    """Streaming mode only: every (rank, worker) draws shards with replacement (any shard count
+    works); false = each shard read once per pass, split by rank then worker (needs at least
+    world size x max(1, num_workers) shards; the epoch is cut to the smallest worker's share)."""
     sample_rate: int = 16000
     max_audio_seconds: float = 8.0
     video_frames: int = 8

@@ -60,7 +60,7 @@ class Collator:
 
     def __call__(self, items: Sequence[Any]) -> dict[str, Any]:
         samples = [s for s in items if isinstance(s, dict)]
-        skipped = Counter(s.reason for s in items if isinstance(s, Skipped))
+        skipped = Counter(s.reason for s in items if isinstance(s, Skipped) and not s.pad)
         degraded = Counter(r for s in samples for r in s.get("degraded", ()))
         batch: dict[str, Any] = {
             "keys": [s["key"] for s in samples],

@@ -60,10 +60,11 @@ class Skipped:
     key: str
     reason: str
     detail: str = ""
+    pad: bool = False          # an eval padding duplicate: not counted (its original is)
 
     @classmethod
-    def from_error(cls, e: "DecodeError") -> "Skipped":
-        return cls(e.key, e.reason, e.detail)
+    def from_error(cls, e: "DecodeError", pad: bool = False) -> "Skipped":
+        return cls(e.key, e.reason, e.detail, pad)
 
 
 class DecodeError(Exception):
@@ -344,12 +345,15 @@ class Decoder:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def rng(self, index: int | None) -> np.random.Generator:
+    def rng(self, index: int | None, epoch: int | None = None) -> np.random.Generator:
         salt = index if index is not None else np.random.SeedSequence().entropy % (2**31)
-        return np.random.default_rng([self.seed, self.epoch, int(salt)])
+        epoch = self.epoch if epoch is None else epoch
+        return np.random.default_rng([self.seed, int(epoch), int(salt)])
 
-    def __call__(self, members: dict[str, Any], index: int | None = None, key: str | None = None) -> dict[str, Any]:
-        rng = self.rng(index) if self.train else None
+    def __call__(self, members: dict[str, Any], index: int | None = None, key: str | None = None,
+                 epoch: int | None = None) -> dict[str, Any]:
+        """`index` (e.g. the position in the epoch's draw) and `epoch` (default: set_epoch's) seed the crop."""
+        rng = self.rng(index, epoch) if self.train else None
         return decode_sample(members, self.cfg, self.tokenizer, self.train, rng, key=key)
 
 

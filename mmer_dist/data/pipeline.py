@@ -1,0 +1,652 @@
+"""Per-rank data loaders over the shards: map-style (random access via byte offsets) and streaming.
+
+    train = build_train_loader(cfg.data.shards, cfg.data, cfg.sampler, tokenizer, rank=r, world_size=R)
+    dev = build_eval_loader(cfg.data.shards, cfg.data, tokenizer, split="dev", rank=r, world_size=R)
+    for epoch in range(E):
+        train.set_epoch(epoch)
+        for batch in train.iter_from(batches_done_in_this_epoch):     # 0 unless resuming
+            ...
+            state = train.state_dict()                               # after the step: resumable
+    print(train.counts())          # {"skipped": {"audio_corrupt": 2}, "degraded": {"audio_empty": 1}}
+
+NEVER pass these loaders (or their DataLoader) through `accelerator.prepare`. They are already
+split by rank: the sampler gives rank r its strided share of the global draw (map), or rank r
+reads its own shards / its own resampled shard stream (stream). `prepare` would wrap the loader
+in a second, rank-sharding sampler (`BatchSamplerShard` / `IterableDatasetShard`), so each rank
+would silently see only 1/world of its own share (and, for an iterable, different batch counts
+per rank). Prepare only the model, the optimizer and the scheduler; move batches to the device
+yourself. tests/smoke/test_loader_not_resharded.py shows both behaviours with 2 processes.
+
+Map-style (`data.loader=map`, the default):
+
+* `ShardDataset` reads a sample's members straight from its tar with `os.pread` at the byte
+  offsets the packer recorded in `{shard}.stats.json` (no tar scan); file handles are opened
+  lazily, per process, so forked DataLoader workers never share a file offset.
+* `DistributedWeightedSampler` (mmer_dist.data.sampler) draws the epoch from (seed, epoch):
+  weighting `none` = uniform weights without replacement, i.e. a deterministic distributed
+  shuffle (one pass; wrap-around duplicates fill the last rank's share); any other weighting
+  draws with the configured replacement. `len(sampler)` is the same on every rank by
+  construction, the loader has `num_samples // batch_size` batches (drop_last: a partial last
+  batch would be of unequal size across ranks and is dropped everywhere).
+* A sample that fails to decode becomes a `Skipped` marker: the collate drops it and counts it
+  by reason, the batch is smaller, the number of batches per rank never changes.
+* Mid-epoch resume goes through the sampler's state: the loader advances the sampler by one
+  batch_size of indices per batch handed to the loop (never by what workers prefetched), so
+  `state_dict()` taken after a step names exactly the consumed batches; `iter_from(n)` seeks the
+  sampler to n x batch_size. Both give the rest of the epoch, identical to an uninterrupted run.
+  With length bucketing the epoch's batches are a deterministic function of the sampler's plan,
+  so resuming at batch n is exact there too.
+
+Streaming (`data.loader=stream`): an explicit WebDataset pipeline (see `stream_pipeline`),
+resampled shards (default) or each shard once, with an epoch of exactly the same number of
+batches on every rank and every worker, computed from the index; configurations that cannot
+hold that are refused with the numbers and the fix. Resume inside a streaming epoch replays the
+(deterministic) stream and discards the consumed batches.
+
+Evaluation: `build_eval_loader` gives each rank an equal-length strided share of the split,
+padded by repeats flagged in `batch["pad"]`; drop the flagged rows before any reduction.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import zlib
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mmer_dist.config import DataConfig, SamplerConfig
+from mmer_dist.data.collate import Collator, bucket_batches
+from mmer_dist.data.decode import Decoder, DecodeError, Skipped
+from mmer_dist.data.sampler import (ClassBalancedStream, DistributedWeightedSampler, class_target_distribution,
+                                    class_weights, eval_indices, sample_weights)
+from mmer_dist.shards.schema import META_EXT, SampleEntry, ShardStats, load_index, split_index, stats_name
+
+BUCKET_WINDOW_BATCHES = 32     # length bucketing sorts windows of this many batches of consecutive draws
+_STATE_FORMAT = "mmer_dist.pipeline.TrainLoader/1"
+
+Item = "int | tuple[int, bool, int, int]"   # index, or (index, is_padding, epoch, position in the draw)
+
+
+# --------------------------------------------------------------------------- map-style dataset
+
+
+class ShardDataset(Dataset):
+    """Random access to one split of a shards folder: `ds[i]` -> decoded sample dict or `Skipped`.
+
+    `ds[(i, is_padding, epoch, position)]` also works (what the loaders' batch samplers yield):
+    the crop is seeded by (decoder seed, epoch, position) and `sample["pad"] = is_padding`.
+    """
+
+    def __init__(self, shards_dir: str | Path, split: str, cfg_data: DataConfig, decoder: Decoder) -> None:
+        self.root = Path(shards_dir)
+        index = load_index(self.root)
+        self.split = split
+        sidx = split_index(index, split, self.root)
+        self.label_names = list(index.labels)
+        self.shards = [self.root / s for s in sidx.shards]
+        self.entries: list[list[SampleEntry]] = []
+        for name, size in zip(sidx.shards, sidx.sizes):
+            path = self.root / stats_name(name)
+            if not path.exists():
+                raise FileNotFoundError(f"{path} missing: the index lists shard {name} but its stats file (member "
+                                        f"offsets) is gone; re-run the same `mmer-dist pack` command to redo it")
+            with open(path, encoding="utf-8") as f:
+                stats = ShardStats.from_json(json.load(f))
+            if len(stats.samples) != size:
+                raise ValueError(f"{path}: {len(stats.samples)} samples but index.json says {size}; "
+                                 f"the index is stale: re-run `mmer-dist pack` to merge it again")
+            self.entries.append(stats.samples)
+        self.starts = np.concatenate([[0], np.cumsum([len(e) for e in self.entries])]).astype(np.int64)
+        self.labels = np.asarray(sidx.labels, dtype=np.int64)
+        if self.labels.size != self.starts[-1]:
+            raise ValueError(f"{self.root}/index.json: split {split} has {self.labels.size} labels for "
+                             f"{int(self.starts[-1])} samples in its shards; re-run `mmer-dist pack` to merge it again")
+        self.durations = np.asarray([e.duration for es in self.entries for e in es], dtype=np.float64)
+        self.class_counts = [int(sidx.class_counts.get(n, 0)) for n in self.label_names]
+        self.cfg = cfg_data
+        self.decoder = decoder
+        self._fds: dict[int, int] = {}
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getstate__(self) -> dict[str, Any]:     # file descriptors never cross a process boundary
+        state = dict(self.__dict__)
+        state["_fds"], state["_pid"] = {}, -1
+        return state
+
+    def __del__(self) -> None:
+        if getattr(self, "_pid", -1) == os.getpid():
+            for fd in self._fds.values():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def locate(self, i: int) -> tuple[int, SampleEntry]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample index {i} outside [0, {len(self)}) of split {self.split}")
+        s = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return s, self.entries[s][i - int(self.starts[s])]
+
+    def _fd(self, s: int) -> int:
+        if self._pid != os.getpid():       # first use in this process (e.g. a fresh worker)
+            self._fds, self._pid = {}, os.getpid()
+        fd = self._fds.get(s)
+        if fd is None:
+            fd = self._fds[s] = os.open(self.shards[s], os.O_RDONLY)
+        return fd
+
+    def members(self, i: int) -> dict[str, Any]:
+        """Raw bytes of sample i's members, read at their recorded offsets (a WebDataset-style dict)."""
+        s, entry = self.locate(i)
+        fd = self._fd(s)
+        out: dict[str, Any] = {"__key__": entry.key}
+        for ext, (offset, size) in entry.members.items():
+            data = os.pread(fd, size, offset)
+            if len(data) != size:
+                raise OSError(f"{self.shards[s]}: member {entry.key}.{ext} truncated "
+                              f"({len(data)} of {size} bytes at offset {offset})")
+            out[ext] = data
+        return out
+
+    def __getitem__(self, item: Any) -> dict[str, Any] | Skipped:
+        if isinstance(item, (tuple, list)):
+            i, pad, epoch, pos = int(item[0]), bool(item[1]), int(item[2]), int(item[3])
+        else:
+            i, pad, epoch, pos = int(item), False, None, int(item)
+        key = "?"
+        try:
+            key = self.locate(i)[1].key
+            sample = self.decoder(self.members(i), index=pos, key=key, epoch=epoch)
+        except DecodeError as e:
+            return Skipped.from_error(e, pad)
+        except OSError as e:              # the tar on disk is damaged: skip and count, never crash
+            return Skipped(key, "read_error", str(e), pad)
+        sample["pad"] = pad
+        return sample
+
+
+# --------------------------------------------------------------------------- map-style train loader
+
+
+class RankBatchSampler:
+    """Batches of this rank's share of the epoch's draw, starting at the sampler's position.
+
+    Yields lists of (index, False, epoch, position) items; `len` is the full epoch's batch count,
+    num_samples // batch_size on every rank (drop_last). The sampler's position must be a
+    multiple of batch_size (it is when set by the loader: seek(batches x batch_size)).
+    """
+
+    def __init__(self, sampler: DistributedWeightedSampler, batch_size: int,
+                 lengths: np.ndarray | None = None, window_batches: int = 0, seed: int = 0) -> None:
+        self.sampler, self.batch_size = sampler, int(batch_size)
+        self.lengths, self.window_batches, self.seed = lengths, int(window_batches), int(seed)
+
+    def __len__(self) -> int:
+        return self.sampler.num_samples // self.batch_size
+
+    def __iter__(self) -> Iterator[list[tuple[int, bool, int, int]]]:
+        b, epoch, start = self.batch_size, self.sampler.epoch, self.sampler.position
+        if start % b:
+            raise ValueError(f"sampler position {start} is not a multiple of batch_size={b}; "
+                             f"resume with seek(batches_done * batch_size)")
+        first = start // b
+        if self.window_batches and self.lengths is not None:
+            plan = self.sampler.local_indices()
+            batches = bucket_batches(plan.tolist(), self.lengths, b, self.window_batches,
+                                     seed=zlib.crc32(f"{self.seed}:{epoch}".encode()))
+            for k in range(first, len(batches)):
+                yield [(i, False, epoch, k * b + j) for j, i in enumerate(batches[k])]
+            return
+        it = iter(self.sampler)            # starts at the sampler's position
+        for k in range(first, len(self)):
+            yield [(next(it), False, epoch, k * b + j) for j in range(b)]
+
+
+def _worker_init(_: int) -> None:
+    # one intra-op thread per worker: the workers are the parallelism (torch already does this,
+    # the codecs are set to one thread in decode.py)
+    torch.set_num_threads(1)
+
+
+def _dataloader(dataset: Dataset, batch_sampler: Any, collate: Collator, num_workers: int, persistent: bool) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=num_workers,
+                      persistent_workers=persistent and num_workers > 0, pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=_worker_init if num_workers > 0 else None)
+
+
+class _Counting:
+    """Skip/degrade counters shared by the loaders; `counts()` is what the loop logs."""
+
+    def __init__(self) -> None:
+        self.skipped: Counter = Counter()
+        self.degraded: Counter = Counter()
+
+    def _count(self, batch: dict[str, Any]) -> dict[str, Any]:
+        self.skipped.update(batch.get("skipped", {}))
+        self.degraded.update(batch.get("degraded", {}))
+        return batch
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Samples skipped (decode failures, by reason) and degraded (a modality absent) so far on this rank."""
+        return {"skipped": dict(self.skipped), "degraded": dict(self.degraded)}
+
+
+class TrainLoader(_Counting):
+    """The map-style per-rank train loader: fixed batches per epoch, resumable mid-epoch.
+
+    Do not pass it (or `.loader`) to `accelerator.prepare`: it is already split by rank.
+    """
+
+    kind = "map"
+
+    def __init__(self, dataset: ShardDataset, sampler: DistributedWeightedSampler, batch_sampler: RankBatchSampler,
+                 collate: Collator, num_workers: int) -> None:
+        super().__init__()
+        self.dataset, self.sampler, self.batch_sampler = dataset, sampler, batch_sampler
+        self.batch_size = batch_sampler.batch_size
+        self.loader = _dataloader(dataset, batch_sampler, collate, num_workers, persistent=True)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    @property
+    def batches_done(self) -> int:
+        return self.sampler.position // self.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """A new epoch starts at batch 0; the current epoch keeps its position (resume)."""
+        self.sampler.set_epoch(epoch)
+
+    def iter_from(self, batches_done: int | None = None) -> Iterator[dict[str, Any]]:
+        """The rest of the current epoch, from batch `batches_done` (default: the sampler's position)."""
+        if batches_done is not None:
+            if not 0 <= batches_done <= len(self):
+                raise ValueError(f"iter_from({batches_done}): the epoch has {len(self)} batches on this rank")
+            self.sampler.seek(int(batches_done) * self.batch_size)
+        for batch in self.loader:
+            # handed to the loop = consumed: a state_dict() taken after this step resumes after it
+            self.sampler.advance(self.batch_size)
+            yield self._count(batch)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.iter_from(None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"format": _STATE_FORMAT, "kind": self.kind, "batch_size": self.batch_size, "num_batches": len(self),
+                "bucketing": bool(self.batch_sampler.window_batches), "epoch": self.epoch,
+                "batches_done": self.batches_done, "sampler": self.sampler.state_dict(), **self.counts()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the saved epoch after its consumed batches; refuses a state of another configuration."""
+        if state.get("format") != _STATE_FORMAT or state.get("kind") != self.kind:
+            raise ValueError(f"not a {self.kind} train-loader state (format {state.get('format')!r}, "
+                             f"kind {state.get('kind')!r}); the run was made with another data.loader")
+        for key, mine in (("batch_size", self.batch_size), ("bucketing", bool(self.batch_sampler.window_batches))):
+            if state[key] != mine:
+                raise ValueError(f"cannot resume mid-epoch: saved {key}={state[key]} but this run has {mine}; "
+                                 f"resume with the original data.batch_size / data.bucket_by_length")
+        self.sampler.load_state_dict(state["sampler"])     # checks world size, seed, weights
+        self.skipped, self.degraded = Counter(state.get("skipped", {})), Counter(state.get("degraded", {}))
+
+
+def build_decoder(cfg_data: DataConfig, tokenizer: Any, train: bool, seed: int = 0) -> Decoder:
+    return Decoder(cfg_data, tokenizer if "text" in cfg_data.modalities else None, train=train, seed=seed)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return int(getattr(tokenizer, "pad_token_id", 0) or 0)
+
+
+def train_sample_weights(labels: np.ndarray, class_counts: list[int], label_names: list[str],
+                         cfg_sampler: SamplerConfig) -> tuple[np.ndarray, bool]:
+    """Per-sample weights and replacement for the configured weighting (none: uniform, no replacement)."""
+    if cfg_sampler.weighting == "none":
+        return np.ones(labels.size, dtype=np.float64), False
+    cw = class_weights(class_counts, cfg_sampler.weighting, beta=cfg_sampler.beta,
+                       manual=cfg_sampler.class_weights or None, label_names=label_names)
+    return sample_weights(labels, cw), cfg_sampler.replacement
+
+
+def build_train_loader(shards_dir: str | Path, cfg_data: DataConfig, cfg_sampler: SamplerConfig, tokenizer: Any,
+                       rank: int = 0, world_size: int = 1, epoch: int = 0, seed: int | None = None,
+                       split: str | None = None) -> "TrainLoader | StreamLoader":
+    """The per-rank train loader (`cfg_data.loader`: map or stream), positioned at `epoch`.
+
+    Every rank gets the same `len(loader)` batches per epoch, by construction. `seed` (default
+    `cfg_sampler.seed`) seeds the draw and the crops. NEVER pass the result through
+    `accelerator.prepare`: it is already split by rank and Accelerate would shard it again
+    (each rank would train on 1/world of its share, silently).
+    """
+    split = split or cfg_data.train_split
+    seed = cfg_sampler.seed if seed is None else int(seed)
+    decoder = build_decoder(cfg_data, tokenizer, train=True, seed=seed)
+    collate = Collator(cfg_data, pad_id=_pad_id(tokenizer))
+    if cfg_data.loader == "stream":
+        loader = StreamLoader(shards_dir, split, cfg_data, cfg_sampler, decoder, collate, rank, world_size, seed)
+        loader.set_epoch(epoch)
+        return loader
+    dataset = ShardDataset(shards_dir, split, cfg_data, decoder)
+    weights, replacement = train_sample_weights(dataset.labels, dataset.class_counts, dataset.label_names, cfg_sampler)
+    b = cfg_data.batch_size
+    num_samples = cfg_data.steps_per_epoch * b if cfg_data.steps_per_epoch else None
+    sampler = DistributedWeightedSampler(weights, num_replicas=world_size, rank=rank, num_samples=num_samples,
+                                         seed=seed, replacement=replacement)
+    if sampler.num_samples < b:
+        raise ValueError(f"split {split} of {shards_dir}: {len(dataset)} samples over {world_size} ranks give "
+                         f"{sampler.num_samples} per rank, fewer than data.batch_size={b}: no full batch. "
+                         f"Lower data.batch_size, use fewer processes, or set data.steps_per_epoch")
+    window = BUCKET_WINDOW_BATCHES if cfg_data.bucket_by_length else 0
+    batch_sampler = RankBatchSampler(sampler, b, dataset.durations, window, seed)
+    loader = TrainLoader(dataset, sampler, batch_sampler, collate, cfg_data.num_workers)
+    loader.set_epoch(epoch)
+    return loader
+
+
+# --------------------------------------------------------------------------- eval loader
+
+
+class EvalLoader(_Counting):
+    """Each sample of the split exactly once over all ranks, the same number of batches on every rank.
+
+    `batch["pad"]` flags the repeats that even out the ranks; drop them before metrics.
+    Not for `accelerator.prepare` either (already split by rank).
+    """
+
+    def __init__(self, dataset: ShardDataset, batches: list[list[tuple[int, bool, int, int]]], collate: Collator,
+                 num_workers: int) -> None:
+        super().__init__()
+        self.dataset, self.batches = dataset, batches
+        self.num_padding = sum(1 for b in batches for it in b if it[1])
+        self.loader = _dataloader(dataset, batches, collate, num_workers, persistent=True)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            yield self._count(batch)
+
+
+def eval_batches(n: int, batch_size: int, rank: int, world_size: int) -> list[list[tuple[int, bool, int, int]]]:
+    """This rank's eval batches: ceil(ceil(n / R) / batch_size) on every rank, padding flagged."""
+    idx, pad = eval_indices(n, world_size, rank)
+    items = [(int(i), bool(p), 0, int(i)) for i, p in zip(idx.tolist(), pad.tolist())]
+    return [items[k : k + batch_size] for k in range(0, len(items), batch_size)]
+
+
+def build_eval_loader(shards_dir: str | Path, cfg_data: DataConfig, tokenizer: Any, split: str | None = None,
+                      rank: int = 0, world_size: int = 1) -> EvalLoader:
+    """Per-rank eval loader (centre crops, no shuffle); never through `accelerator.prepare`."""
+    split = split or cfg_data.eval_split
+    decoder = build_decoder(cfg_data, tokenizer, train=False)
+    dataset = ShardDataset(shards_dir, split, cfg_data, decoder)
+    if len(dataset) == 0:
+        raise ValueError(f"split {split} of {shards_dir} has no samples to evaluate")
+    batches = eval_batches(len(dataset), cfg_data.eval_batch_size, rank, world_size)
+    return EvalLoader(dataset, batches, Collator(cfg_data, pad_id=_pad_id(tokenizer)), cfg_data.num_workers)
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def _worker() -> tuple[int, int]:
+    """(worker id, number of workers) of this DataLoader worker (WORKER/NUM_WORKERS env override it)."""
+    import webdataset as wds
+
+    _, _, worker, num_workers = wds.utils.pytorch_worker_info()
+    return worker, num_workers
+
+
+def _mix(*parts: int) -> int:
+    return zlib.crc32(":".join(str(int(p)) for p in parts).encode())
+
+
+class _WorkerSeed:
+    """worker_seed for wds.ResampledShards: distinct per (rank, worker); picklable."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def __call__(self) -> int:
+        return self.rank * 100_003 + _worker()[0]
+
+
+def _split_by_rank(src: Iterator[dict], rank: int, world_size: int) -> Iterator[dict]:
+    """Explicit node split: shard i goes to rank i % world_size (rank passed, not read from env)."""
+    for i, shard in enumerate(src):
+        if i % world_size == rank:
+            yield shard
+
+
+class TarErrors:
+    """wds handler for tar-level failures (a damaged shard): count and continue; a missing shard is fatal.
+
+    Failures are parked in `pending` and re-emitted as `Skipped` markers further down the stream
+    (`_emit_pending`), so the counts reach the main process inside the batches.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list[Skipped] = []
+
+    def __call__(self, exn: Exception) -> bool:
+        if isinstance(exn, FileNotFoundError):
+            raise FileNotFoundError(f"shard missing: {exn}; the index lists it: re-run `mmer-dist pack`") from exn
+        self.pending.append(Skipped("?", "tar_error", f"{type(exn).__name__}: {exn}"))
+        return True
+
+
+def _label_or_park(src: Iterator[dict], errors: TarErrors) -> Iterator[dict]:
+    """Attach `label_id` from KEY.json (for the class balancer); park unreadable samples as skips."""
+    for sample in src:
+        try:
+            sample["label_id"] = int(json.loads(sample[META_EXT])["label_id"])
+        except Exception as e:
+            errors.pending.append(Skipped(str(sample.get("__key__", "?")), "meta_corrupt", str(e)))
+            continue
+        yield sample
+
+
+def _emit_pending(src: Iterator[dict], errors: TarErrors) -> Iterator[Any]:
+    for sample in src:
+        while errors.pending:
+            yield errors.pending.pop(0)
+        yield sample
+
+
+class _WorkerShuffle:
+    """wds shuffle with an rng seeded by (seed, epoch, rank, worker): reproducible and distinct per worker."""
+
+    def __init__(self, bufsize: int, seed: int, epoch: int, rank: int) -> None:
+        self.bufsize, self.seed, self.epoch, self.rank = bufsize, seed, epoch, rank
+
+    def __call__(self, src: Iterator[Any]) -> Iterator[Any]:
+        from webdataset.filters import _shuffle
+
+        rng = random.Random(_mix(self.seed, self.epoch, self.rank, _worker()[0]))
+        return _shuffle(src, self.bufsize, min(self.bufsize, 100), rng=rng)
+
+
+class _StreamDecode:
+    """Decode a wds sample (DecodeError -> Skipped marker); the crop is seeded by (seed, epoch, key)."""
+
+    def __init__(self, decoder: Decoder, epoch: int) -> None:
+        self.decoder, self.epoch = decoder, epoch
+
+    def __call__(self, sample: Any) -> Any:
+        if isinstance(sample, Skipped):
+            return sample
+        key = str(sample.get("__key__", "?"))
+        try:
+            out = self.decoder(sample, index=zlib.crc32(key.encode()), key=key, epoch=self.epoch)
+        except DecodeError as e:
+            return Skipped.from_error(e)
+        out["pad"] = False
+        return out
+
+
+class StreamPlan:
+    """The streaming epoch, computed from the index: batches per worker and per rank, or a refusal."""
+
+    def __init__(self, sizes: list[int], batch_size: int, world_size: int, num_workers: int, resample: bool,
+                 steps_per_epoch: int = 0, where: str = "") -> None:
+        self.workers = max(1, num_workers)
+        shards, n = len(sizes), int(sum(sizes))
+        b, r, w = batch_size, world_size, self.workers
+        if n == 0:
+            raise ValueError(f"{where}: the split has no samples")
+        steps = steps_per_epoch or n // (b * r)
+        if steps == 0:
+            raise ValueError(f"{where}: {n} samples < one global batch (data.batch_size={b} x {r} ranks = {b * r}); "
+                             f"lower data.batch_size, use fewer processes or set data.steps_per_epoch")
+        if resample:
+            self.per_worker = math.ceil(steps / w)
+        else:
+            if shards < r * w:
+                raise ValueError(
+                    f"{where}: streaming without resampling needs at least world size x workers shards so every "
+                    f"worker gets one, but there are {shards} shards for {r} ranks x {w} workers = {r * w}. "
+                    f"Fix: set data.stream_resample=true (equal epochs by resampling), or data.num_workers <= "
+                    f"{max(1, shards // r) if shards >= r else 0}{' and fewer ranks' if shards < r else ''}, "
+                    f"or repack with smaller shards (at least {r * w}), or use data.loader=map")
+            # worker w of rank r reads shards (r + R*k) for k = w, w + W, ...: its share of the samples
+            shares = [sum(sizes[i] for i in list(range(rk, shards, r))[wk::w]) for rk in range(r) for wk in range(w)]
+            limit = min(shares) // b
+            if limit == 0:
+                raise ValueError(f"{where}: without resampling the smallest worker share holds {min(shares)} samples, "
+                                 f"less than data.batch_size={b}; set data.stream_resample=true or use fewer workers")
+            wanted = math.ceil(steps_per_epoch / w) if steps_per_epoch else limit
+            if wanted > limit:
+                raise ValueError(f"{where}: data.steps_per_epoch={steps_per_epoch} needs {wanted} batches per worker but "
+                                 f"the smallest worker share holds {limit} without repeating; set data.stream_resample=true "
+                                 f"or data.steps_per_epoch <= {limit * w}")
+            self.per_worker = wanted
+        self.per_rank = self.per_worker * w
+
+
+def stream_pipeline(urls: list[str], cfg_data: DataConfig, decoder: Decoder, collate: Collator, rank: int,
+                    world_size: int, epoch: int, seed: int, per_worker: int,
+                    balance: ClassBalancedStream | None = None) -> Any:
+    """The explicit WebDataset pipeline of one rank; each worker yields exactly `per_worker` batches."""
+    import webdataset as wds
+
+    errors = TarErrors()
+    if cfg_data.stream_resample:
+        # an endless shard stream per (rank, worker), seeded by (seed, epoch) and (rank, worker):
+        # the seed is the node/worker split, no shard list to divide
+        source = [wds.ResampledShards(urls, seed=_mix(seed, epoch), worker_seed=_WorkerSeed(rank), deterministic=True)]
+    else:
+        source = [
+            wds.SimpleShardList(urls),                                           # every shard, index order
+            wds.filters.pipelinefilter(_split_by_rank)(rank, world_size),        # node split: shard i -> rank i % R
+            wds.split_by_worker,                                                 # worker split within the rank
+        ]
+    if balance is not None:
+        balance.set_epoch(epoch)
+    pipeline = wds.DataPipeline(
+        *source,
+        wds.tarfile_to_samples(handler=errors),                  # tar -> {__key__, json, txt, flac, mp4}; count damage
+        _WorkerShuffle(cfg_data.shuffle_buffer, seed, epoch, rank),  # sample shuffle buffer, per-worker seed
+        wds.filters.pipelinefilter(_label_or_park)(errors),      # label from KEY.json (unreadable -> skip)
+        balance,                                                 # optional class-balanced resampling (None = off)
+        wds.filters.pipelinefilter(_emit_pending)(errors),       # damaged members/shards -> Skipped markers
+        wds.map(_StreamDecode(decoder, epoch)),                  # decode after the shuffle, in the worker
+        wds.batched(cfg_data.batch_size, collation_fn=collate, partial=False),  # pad + masks; full batches only
+    )
+    # exactly per_worker batches from every worker (repeating the pass if the source ends early)
+    return pipeline.with_epoch(nbatches=per_worker)
+
+
+class StreamLoader(_Counting):
+    """The streaming per-rank train loader: `len` batches per epoch on every rank. Not for `prepare`."""
+
+    kind = "stream"
+
+    def __init__(self, shards_dir: str | Path, split: str, cfg_data: DataConfig, cfg_sampler: SamplerConfig,
+                 decoder: Decoder, collate: Collator, rank: int, world_size: int, seed: int) -> None:
+        super().__init__()
+        root = Path(shards_dir)
+        index = load_index(root)
+        sidx = split_index(index, split, root)
+        self.urls = [str(root / s) for s in sidx.shards]
+        self.cfg, self.decoder, self.collate = cfg_data, decoder, collate
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.plan = StreamPlan(sidx.sizes, cfg_data.batch_size, world_size, cfg_data.num_workers,
+                               cfg_data.stream_resample, cfg_data.steps_per_epoch,
+                               where=f"{root} split {split} (data.loader=stream)")
+        self.balance_target: np.ndarray | None = None
+        if cfg_sampler.weighting != "none":
+            counts = [sidx.class_counts.get(n, 0) for n in index.labels]
+            cw = class_weights(counts, cfg_sampler.weighting, beta=cfg_sampler.beta,
+                               manual=cfg_sampler.class_weights or None, label_names=list(index.labels))
+            self.balance_target = class_target_distribution(counts, cw)
+        self.epoch, self._start = 0, 0
+
+    def __len__(self) -> int:
+        return self.plan.per_rank
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self._start = 0
+        self.epoch = int(epoch)
+
+    def pipeline(self) -> Any:
+        balance = None
+        if self.balance_target is not None:
+            balance = ClassBalancedStream(self.balance_target, seed=_mix(self.seed, self.rank))
+        return stream_pipeline(self.urls, self.cfg, self.decoder, self.collate, self.rank, self.world_size,
+                               self.epoch, self.seed, self.plan.per_worker, balance)
+
+    def iter_from(self, batches_done: int | None = None) -> Iterator[dict[str, Any]]:
+        """The rest of the epoch; resuming at batch n replays the deterministic stream and drops n batches."""
+        start = self._start if batches_done is None else int(batches_done)
+        loader = DataLoader(self.pipeline(), batch_size=None, num_workers=self.cfg.num_workers,
+                            pin_memory=torch.cuda.is_available(),
+                            worker_init_fn=_worker_init if self.cfg.num_workers > 0 else None)
+        for k, batch in enumerate(loader):
+            if k < start:
+                continue
+            self._start = k + 1
+            yield self._count(batch)
+        self._start = 0 if self._start >= len(self) else self._start
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.iter_from(None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"format": _STATE_FORMAT, "kind": self.kind, "epoch": self.epoch, "batches_done": self._start,
+                "world_size": self.world_size, "seed": self.seed, **self.counts()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != _STATE_FORMAT or state.get("kind") != self.kind:
+            raise ValueError(f"not a {self.kind} train-loader state (kind {state.get('kind')!r}); "
+                             f"the run was made with another data.loader")
+        if state["world_size"] != self.world_size or state["seed"] != self.seed:
+            raise ValueError(f"cannot resume the stream: saved world_size={state['world_size']} seed={state['seed']}, "
+                             f"this run {self.world_size}/{self.seed}; resume with the original launch")
+        self.epoch, self._start = int(state["epoch"]), int(state["batches_done"])
+        self.skipped, self.degraded = Counter(state.get("skipped", {})), Counter(state.get("degraded", {}))
+
+
+def loader_state(loader: "TrainLoader | StreamLoader") -> dict[str, Any]:
+    """What to put in a checkpoint (same as `loader.state_dict()`)."""
+    return loader.state_dict()
+
+
+def load_loader_state(loader: "TrainLoader | StreamLoader", state: dict[str, Any]) -> None:
+    """Restore a checkpoint's loader state; then `set_epoch(state['epoch'])` + `iter_from()` continue."""
+    loader.load_state_dict(state)
