@@ -116,7 +116,10 @@ def _structurally_truncated(path: Path) -> bool:
         with open(path, "rb") as f:
             head = f.read(12)
             if head[:4] == b"RIFF" and len(head) >= 8:
-                return struct.unpack("<I", head[4:8])[0] + 8 > size
+                riff = struct.unpack("<I", head[4:8])[0]
+                if riff in (0, 0xFFFFFFFF) or riff >= 0xFFFFFF00:   # streaming writers leave it unset
+                    return False
+                return riff + 8 > size + 1                         # +1: a tolerated missing pad byte
             if head[4:8] not in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
                 return False
             pos = 0
@@ -140,13 +143,17 @@ def _structurally_truncated(path: Path) -> bool:
 
 def _open(path: Path) -> av.container.InputContainer:
     check_file(path)
+    truncated = _structurally_truncated(path)
     try:
-        return av.open(str(path), mode="r")
+        container = av.open(str(path), mode="r")
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as e:
-        reason = "truncated_media" if _structurally_truncated(path) else "corrupt_media"
-        raise MediaError(reason, path, str(e)) from None
+        raise MediaError("truncated_media" if truncated else "corrupt_media", path, str(e)) from None
     except OSError as e:
         raise MediaError("unreadable_file", path, e.strerror or str(e)) from None
+    if truncated:   # FFmpeg opens e.g. a cut-off wav quietly and clamps the duration to what is there
+        container.close()
+        raise MediaError("truncated_media", path, "a chunk/box header claims bytes past the end of the file")
+    return container
 
 
 def _declared(container: av.container.InputContainer, stream: av.stream.Stream) -> float:

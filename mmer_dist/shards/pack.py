@@ -622,7 +622,7 @@ def pack(corpus: str, root: str | Path, out: str | Path, *, profile: str = "trai
                     done=sum(len(j.utterances) for j in resumed), desc=f"pack {corpus} {profile}")
 
     index = None
-    if all(is_complete(out, j.name) for j in jobs):
+    if merge_only or all(is_complete(out, j.name) for j in jobs):   # merge_only: PackError when incomplete
         index = merge(out, jobs, cfg, report)
     dropped = Counter(report.skipped)
     degraded = Counter(report.degraded)
