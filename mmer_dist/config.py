@@ -151,6 +151,8 @@ class EncoderConfig:
         _check_choice("encoder size", self.size, ("debug", "small", "base"))
         _check_choice("encoder pooling", self.pooling, ("tokens", "mean", "cls"))
         _check(self.unfreeze_after_steps >= 0, "unfreeze_after_steps must be >= 0")
+        _check(self.unfreeze_after_steps == 0 or self.freeze,
+               f"unfreeze_after_steps={self.unfreeze_after_steps} needs freeze=true (freeze-then-unfreeze)")
 
 
 @dataclass(frozen=True)
@@ -158,13 +160,17 @@ class FusionConfig:
     """The cross-modal transformer over all encoders' token sequences."""
 
     width: int = 64
+    """Model width of the fusion transformer (every modality is projected to it)."""
     layers: int = 2
     heads: int = 4
     dropout: float = 0.1
+    """Dropout inside the fusion transformer and the head."""
     modality_dropout: float = 0.0
     """Training only: probability of dropping each present modality of a sample (never all)."""
     max_tokens_per_modality: int = 64
     """Longer encoder outputs are average-pooled down to this many tokens before fusion."""
+    positions: bool = True
+    """Add a learned position embedding (per pooled token index) to each modality's tokens."""
 
     def __post_init__(self) -> None:
         _check(self.width % self.heads == 0, f"fusion.width={self.width} must be divisible by fusion.heads={self.heads}")
@@ -176,7 +182,8 @@ class FusionConfig:
 class ModelConfig:
     """Encoders + fusion + head. `num_classes` and label names come from the shards' index."""
 
-    text: EncoderConfig = field(default_factory=lambda: EncoderConfig(kind="hf", pretrained="minilm", size="debug"))
+    text: EncoderConfig = field(default_factory=lambda: EncoderConfig(kind="hf", pretrained="minilm", size="small"))
+    """`pretrained` wins over `size`: "minilm" = the packaged all-MiniLM-L6-v2; "" + size=debug = tiny random-init."""
     audio: EncoderConfig = field(default_factory=lambda: EncoderConfig(kind="scratch"))
     video: EncoderConfig = field(default_factory=lambda: EncoderConfig(kind="scratch"))
     fusion: FusionConfig = field(default_factory=FusionConfig)
@@ -189,6 +196,7 @@ class ModelConfig:
         for m in self.modalities:
             _check_choice("model.modalities item", m, MODALITIES)
         _check(self.num_classes >= 2, "model.num_classes must be >= 2")
+        _check(self.text.kind != "scratch", "model.text.kind=scratch does not exist; use hf (or cached)")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,116 @@
+"""Classification head and the training losses (the class-imbalance knob on the objective side).
+
+`build_loss(cfg.loss, class_counts)` returns an nn.Module `loss(logits[B, C], labels[B]) -> scalar`:
+
+    ce              cross-entropy, mean over the batch
+    weighted_ce     cross-entropy with inverse-frequency class weights w_c = N / (C' n_c)
+                    (sklearn's "balanced"; C' = classes present in the counts, absent classes get 0),
+                    normalised by the weights of the batch's labels (PyTorch's weighted mean)
+    focal           -sum_c q_c (1 - p_c)^gamma log p_c, mean over the batch (Lin et al. 2017);
+                    q is the one-hot (or label-smoothed) target
+    class_balanced  (1/B) sum_i w_{y_i} CE_i with w_c = (1 - beta) / (1 - beta^{n_c}) scaled to sum to C'
+                    (effective number of samples, Cui et al. 2019)
+
+`loss.label_smoothing` applies to all of them (as in torch.nn.functional.cross_entropy). Losses are
+computed in float32 whatever the logits' dtype. The class weights are buffers: move the loss to the
+model's device with `.to(device)`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmer_dist.config import ConfigError, LossConfig
+
+
+class ClassificationHead(nn.Module):
+    """Pooled vector [B, width] -> logits [B, num_classes] (a small MLP)."""
+
+    def __init__(self, width: int, num_classes: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(width, width), nn.GELU(),
+                                 nn.Dropout(dropout), nn.Linear(width, num_classes))
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        return self.net(pooled)
+
+
+def inverse_frequency_weights(class_counts: Sequence[int]) -> Tensor:
+    """w_c = N / (C' n_c) for classes with n_c > 0 (C' of them), 0 for absent classes."""
+    counts = torch.as_tensor(list(class_counts), dtype=torch.float64)
+    present = counts > 0
+    w = torch.zeros_like(counts)
+    w[present] = counts.sum() / (present.sum() * counts[present])
+    return w.float()
+
+
+def effective_number_weights(class_counts: Sequence[int], beta: float) -> Tensor:
+    """Cui et al. 2019: w_c = (1 - beta) / (1 - beta^{n_c}), scaled so the present classes' weights sum to C'."""
+    counts = torch.as_tensor(list(class_counts), dtype=torch.float64)
+    present = counts > 0
+    w = torch.zeros_like(counts)
+    w[present] = (1.0 - beta) / (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), counts[present]))
+    w = w / w.sum() * present.sum()
+    return w.float()
+
+
+class CrossEntropyLoss(nn.Module):
+    """CE with optional per-class weights (PyTorch semantics: weighted mean over the batch)."""
+
+    def __init__(self, label_smoothing: float = 0.0, weight: Tensor | None = None) -> None:
+        super().__init__()
+        self.label_smoothing = label_smoothing
+        self.register_buffer("weight", weight, persistent=False)
+
+    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return F.cross_entropy(logits.float(), labels, weight=self.weight, label_smoothing=self.label_smoothing)
+
+
+class FocalLoss(nn.Module):
+    """-sum_c q_c (1 - p_c)^gamma log p_c, mean over the batch; q = (smoothed) one-hot target."""
+
+    def __init__(self, gamma: float = 2.0, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.gamma = gamma
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        logp = F.log_softmax(logits.float(), dim=-1)
+        c = logits.shape[-1]
+        target = F.one_hot(labels, c).float() * (1.0 - self.label_smoothing) + self.label_smoothing / c
+        focal = (1.0 - logp.exp()).clamp(min=0.0) ** self.gamma
+        return -(target * focal * logp).sum(-1).mean()
+
+
+class ClassBalancedLoss(nn.Module):
+    """(1/B) sum_i w_{y_i} CE_i with effective-number weights (Cui et al. 2019)."""
+
+    def __init__(self, weight: Tensor, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.label_smoothing = label_smoothing
+        self.register_buffer("weight", weight, persistent=False)
+
+    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        ce = F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=self.label_smoothing)
+        return (self.weight[labels] * ce).mean()
+
+
+def build_loss(cfg: LossConfig, class_counts: Sequence[int] | None = None) -> nn.Module:
+    """The loss `cfg.name` describes; `class_counts` (training split, index order) feed the class weights."""
+    if cfg.name == "ce":
+        return CrossEntropyLoss(cfg.label_smoothing)
+    if cfg.name == "focal":
+        return FocalLoss(cfg.focal_gamma, cfg.label_smoothing)
+    counts = list(class_counts or [])
+    if not counts or sum(counts) <= 0 or any(n < 0 for n in counts):
+        raise ConfigError(f"loss.name={cfg.name} needs the training split's per-class counts (from the shards' "
+                          f"index), got {counts!r}; pass build_loss(cfg.loss, index.class_counts) or use loss.name=ce")
+    if cfg.name == "weighted_ce":
+        return CrossEntropyLoss(cfg.label_smoothing, inverse_frequency_weights(counts))
+    if cfg.name == "class_balanced":
+        return ClassBalancedLoss(effective_number_weights(counts, cfg.cb_beta), cfg.label_smoothing)
+    raise ConfigError(f"loss.name={cfg.name!r} is not valid; choose one of ce, weighted_ce, focal, class_balanced")
