@@ -345,3 +345,15 @@ def test_inspect_never_opens_tars(meld_root: Path, tmp_path: Path) -> None:
     for tar in out.glob("*.tar"):
         tar.write_bytes(b"")
     assert summarize(out) == before
+
+
+@pytest.mark.parametrize("spec", ["meld.yaml", "ravdess.yaml"])
+def test_packing_specs_parse_as_pack_flags(spec: str) -> None:
+    import yaml
+
+    data = yaml.safe_load((REPO / "shards" / spec).read_text())
+    argv = ["pack", data.pop("corpus")]
+    for k, v in data.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    args = build_parser().parse_args(argv)                  # an unknown key fails here
+    assert args.corpus == spec.split(".")[0] and args.out.startswith("shards/out/")
