@@ -273,7 +273,13 @@ class TrainLoader(_Counting):
         self.sampler.set_epoch(epoch)
 
     def iter_from(self, batches_done: int | None = None) -> Iterator[dict[str, Any]]:
-        """The rest of the current epoch, from batch `batches_done` (default: the sampler's position)."""
+        """The rest of the current epoch, from batch `batches_done` (default: the sampler's position).
+
+        A finished epoch iterated again without `set_epoch(new)` starts over (the same batches,
+        like torch's DistributedSampler), never an empty epoch.
+        """
+        if batches_done is None and self.batches_done >= len(self):
+            batches_done = 0
         if batches_done is not None:
             if not 0 <= batches_done <= len(self):
                 raise ValueError(f"iter_from({batches_done}): the epoch has {len(self)} batches on this rank")

@@ -201,6 +201,9 @@ def test_mid_epoch_resume_equals_uninterrupted(shards):
         assert torch.equal(rest[0]["audio"], ref[2]["audio"])      # same crops too
         # the loop's way: explicit batch count
         assert keys_of(fresh, 2) == ref_keys[2:]
+        assert keys_of(full) == ref_keys                          # a finished epoch again: starts over, never empty
+        full.set_epoch(4)
+        assert keys_of(full) != ref_keys and len(keys_of(full, 0)) == len(ref_keys)
         other = build_train_loader(shards, cfg, SamplerConfig(weighting="sqrt_inverse"), TOK, rank=0, world_size=3)
         with pytest.raises(ValueError, match="world size|num_replicas"):
             other.load_state_dict(state)
