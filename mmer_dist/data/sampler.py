@@ -558,6 +558,9 @@ def _default_label(item: Any) -> int:
         for key in ("label_id", "label", "labels"):
             if key in item:
                 value = item[key]
+                if isinstance(value, str):
+                    raise ValueError(f"sample {item.get('__key__', '?')!r}: {key}={value!r} is a label name, not an "
+                                     "id; pass label_of=lambda s: labels.index(s['label']) or keep label_id")
                 return int(value.item() if isinstance(value, torch.Tensor) else value)
         raise KeyError(f"sample {item.get('__key__', '?')!r} has no label_id/label field; pass label_of=...")
     return int(item[1])
