@@ -5,8 +5,8 @@ Two profiles:
 - train: `encode_audio` decodes any audio (a wav/flac/mp3 file or the audio track of a
   video) to mono 16 kHz FLAC bytes; `encode_video` re-encodes a video track to a video-only
   H.264 mp4 whose short side is at most `size` pixels (never upscaled) at `fps` frames/s.
-- raw: `verify_media` demuxes every packet of the original file (no decode) to check it is
-  readable and complete, and returns its duration; the packer then stores the bytes untouched.
+- raw: `verify_tracks` demuxes every packet of the original file once (no decode) to check it
+  is readable and complete, and returns track durations; the packer stores the bytes untouched.
 
 Output is byte-deterministic: one encoder thread, FFmpeg's `bitexact` flags (no library
 version strings), no creation time, frame timestamps derived from the frame index.
@@ -41,6 +41,9 @@ REASONS = (
     "missing_file", "unreadable_file", "empty_file", "truncated_media", "corrupt_media",
     "no_audio_stream", "no_video_stream", "empty_audio", "empty_video",
 )
+
+# Reasons that make the whole file unusable (every track), as opposed to one track missing or empty.
+FILE_REASONS = frozenset({"missing_file", "unreadable_file", "empty_file", "truncated_media", "corrupt_media"})
 
 SAMPLE_RATE = 16000
 # A decoded track may end this much before the duration the container declares without being
@@ -289,35 +292,57 @@ def encode_video(path: str | Path, size: int = 224, fps: float = 8.0, crf: int =
 # --------------------------------------------------------------------------- raw profile
 
 
-def verify_media(path: str | Path, kind: str) -> float:
-    """Demux every packet of the first `kind` ("audio"|"video") track; its duration in seconds.
+def verify_tracks(path: str | Path, kinds: tuple[str, ...] = ("audio", "video")) -> dict[str, float | MediaError]:
+    """Demux every packet of the first track of each kind ("audio"/"video") in ONE pass.
 
     Cheap next to decoding (no codec runs) yet catches unparsable, cut-off and empty files.
+    Returns kind -> duration in seconds, or kind -> `MediaError` for a kind that is absent or
+    empty (the other kinds stay usable); a problem with the whole file raises `MediaError`.
     """
     path = Path(path)
+    result: dict[str, float | MediaError] = {}
     with _open(path) as inp:
-        streams = inp.streams.audio if kind == "audio" else inp.streams.video
+        streams = {}
+        for kind in kinds:
+            found = inp.streams.audio if kind == "audio" else inp.streams.video
+            if found:
+                streams[kind] = found[0]
+            else:
+                result[kind] = MediaError(f"no_{kind}_stream", path)
         if not streams:
-            raise MediaError(f"no_{kind}_stream", path)
-        s = streams[0]
-        declared = _declared(inp, s)
-        end, n = 0.0, 0
+            return result
+        by_index = {s.index: k for k, s in streams.items()}
+        end = {k: 0.0 for k in streams}
+        count = {k: 0 for k in streams}
         try:
-            for pkt in inp.demux(s):
-                if pkt.size == 0:
+            for pkt in inp.demux(*streams.values()):
+                if pkt.size == 0 or pkt.stream.index not in by_index:
                     continue
-                n += 1
+                k = by_index[pkt.stream.index]
+                count[k] += 1
                 if pkt.pts is not None and pkt.time_base is not None:
-                    end = max(end, float((pkt.pts + (pkt.duration or 0)) * pkt.time_base))
+                    end[k] = max(end[k], float((pkt.pts + (pkt.duration or 0)) * pkt.time_base))
         except av.error.FFmpegError as e:
             reason = "truncated_media" if _structurally_truncated(path) else "corrupt_media"
-            raise MediaError(reason, path, f"demuxing {kind}: {e}") from None
-        if n == 0:
-            raise MediaError(f"empty_{kind}", path, f"no {kind} packets")
-        if s.start_time is not None and s.time_base is not None:
-            end -= float(s.start_time * s.time_base)
-    _check_complete(path, end, declared)
-    return end if end > 0 else declared
+            raise MediaError(reason, path, f"demuxing: {e}") from None
+        for k, st in streams.items():
+            if count[k] == 0:
+                result[k] = MediaError(f"empty_{k}", path, f"no {k} packets")
+                continue
+            if st.start_time is not None and st.time_base is not None:
+                end[k] -= float(st.start_time * st.time_base)
+            declared = _declared(inp, st)
+            _check_complete(path, end[k], declared)     # a cut-off file is broken for every track
+            result[k] = end[k] if end[k] > 0 else declared
+    return result
+
+
+def verify_media(path: str | Path, kind: str) -> float:
+    """Duration of the first `kind` ("audio"|"video") track after `verify_tracks`, or `MediaError`."""
+    got = verify_tracks(path, (kind,))[kind]
+    if isinstance(got, MediaError):
+        raise got
+    return got
 
 
 def read_bytes(path: str | Path) -> bytes:

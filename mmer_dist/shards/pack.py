@@ -68,7 +68,7 @@ from mmer_dist.corpora.labels import labels_for
 from mmer_dist.corpora.record import ReadReport, Utterance
 from mmer_dist.shards import media
 from mmer_dist.shards.schema import (
-    INDEX_FILE, PACK_FILE, SCHEMA_VERSION, SKIPPED_FILE, SampleEntry, ShardIndex, ShardStats,
+    AUDIO_EXTS, INDEX_FILE, PACK_FILE, SCHEMA_VERSION, SKIPPED_FILE, SampleEntry, ShardIndex, ShardStats,
     SplitIndex, shard_name, stats_name, write_json_atomic,
 )
 
@@ -250,7 +250,7 @@ def _build_sample(u: Utterance, spec: _WriteSpec) -> tuple[dict[str, bytes] | No
     """(members by extension or None when dropped, failures, audio seconds) for one utterance."""
     members: dict[str, bytes] = {}
     failures: list[dict[str, Any]] = []
-    failed: dict[str, dict[str, Any]] = {}      # path -> its failure: a file broken for audio is broken for video
+    failed: dict[str, dict[str, Any]] = {}      # path -> failure: a file broken for audio is broken for video
     durations: dict[str, float] = {}
     extra: dict[str, Any] = {}
 
@@ -261,9 +261,11 @@ def _build_sample(u: Utterance, spec: _WriteSpec) -> tuple[dict[str, bytes] | No
         try:
             return fn()
         except media.MediaError as e:
-            failed[str(path)] = {"key": u.key, "reason": e.reason, "path": str(path), "modalities": [kind],
-                                 "detail": e.detail[:200]}
-            failures.append(failed[str(path)])
+            failure = {"key": u.key, "reason": e.reason, "path": str(path), "modalities": [kind],
+                       "detail": e.detail[:200]}
+            failures.append(failure)
+            if e.reason in media.FILE_REASONS:    # not e.g. no_audio_stream: the video track may be fine
+                failed[str(path)] = failure
             return None
 
     if spec.profile == "train":
@@ -277,29 +279,33 @@ def _build_sample(u: Utterance, spec: _WriteSpec) -> tuple[dict[str, bytes] | No
             if enc is not None:
                 members["mp4"], durations["video"] = enc.data, enc.duration
     else:
-        def raw(path: Path, kind: str) -> media.Encoded:
-            dur = media.verify_media(path, kind)
-            return media.Encoded(media.read_bytes(path), path.suffix.lower().lstrip(".") or kind, dur)
-
-        same = u.audio_path is not None and u.audio_path == u.video_path
-        if u.video_path is not None:
-            enc = attempt("video", u.video_path, lambda: raw(u.video_path, "video"))
-            if enc is not None:
-                members[enc.ext], durations["video"] = enc.data, enc.duration
-        if same:
-            if u.video_path is not None and str(u.video_path) not in failed:
-                try:
-                    durations["audio"] = media.verify_media(u.audio_path, "audio")
-                    extra["audio_member"] = Path(u.video_path).suffix.lower().lstrip(".")
-                except media.MediaError as e:   # e.g. a video without audio track: video kept
-                    failures.append({"key": u.key, "reason": e.reason, "path": str(u.audio_path),
-                                     "modalities": ["audio"], "detail": e.detail[:200]})
-            elif u.video_path is not None:
-                failed[str(u.video_path)]["modalities"].append("audio")
-        elif u.audio_path is not None:
-            enc = attempt("audio", u.audio_path, lambda: raw(u.audio_path, "audio"))
-            if enc is not None:
-                members[enc.ext], durations["audio"] = enc.data, enc.duration
+        wanted: dict[Path, list[str]] = {}          # file -> kinds it provides (MELD: one mp4 for both)
+        for kind, path in (("audio", u.audio_path), ("video", u.video_path)):
+            if path is not None:
+                wanted.setdefault(Path(path), []).append(kind)
+        for path, kinds in wanted.items():
+            try:
+                got = media.verify_tracks(path, tuple(kinds))
+                data = media.read_bytes(path)
+            except media.MediaError as e:
+                failures.append({"key": u.key, "reason": e.reason, "path": str(path), "modalities": kinds,
+                                 "detail": e.detail[:200]})
+                continue
+            ok = [k for k in kinds if not isinstance(got[k], media.MediaError)]
+            for k in kinds:
+                if isinstance(got[k], media.MediaError):   # e.g. a video without its audio track: video kept
+                    failures.append({"key": u.key, "reason": got[k].reason, "path": str(path), "modalities": [k],
+                                     "detail": got[k].detail[:200]})
+            if not ok:
+                continue
+            ext = path.suffix.lower().lstrip(".") or ok[0]
+            if ext in members:
+                raise ValueError(f"{u.key}: two source files with the extension .{ext} ({path}); "
+                                 f"the raw profile stores one member per extension")
+            members[ext] = data
+            durations.update({k: float(got[k]) for k in ok})
+            if "audio" in ok and ext not in AUDIO_EXTS:
+                extra["audio_member"] = ext                  # audio lives inside the video file
 
     has_text = bool(u.text)
     modalities = sorted(["text"] * has_text + [m for m in ("audio", "video") if m in durations])

@@ -357,3 +357,20 @@ def test_packing_specs_parse_as_pack_flags(spec: str) -> None:
         argv += [f"--{k.replace('_', '-')}", str(v)]
     args = build_parser().parse_args(argv)                  # an unknown key fails here
     assert args.corpus == spec.split(".")[0] and args.out.startswith("shards/out/")
+
+
+@pytest.mark.parametrize("profile", ["train", "raw"])
+def test_clip_without_video_track_keeps_audio(tmp_path: Path, profile: str) -> None:
+    """MELD clips that are audio-only mp4s: the audio is packed, the video counted as missing per sample."""
+    root = tmp_path / "raw"
+    write_corpus("meld", root, n=21, seed=2, min_per_split=1, video=False)
+    res = pack("meld", root, tmp_path / "s", profile=profile, progress=False)
+    assert res.degraded == {"no_video_stream": 21} and not res.dropped
+    for si in res.index.splits.values():
+        assert si.modalities == {"text": 7, "audio": 7}
+    if profile == "raw":
+        import webdataset as wds
+
+        shard = tmp_path / "s" / res.index.splits["dev"].shards[0]
+        s = next(iter(wds.WebDataset(str(shard), shardshuffle=False)))
+        assert json.loads(s["json"])["audio_member"] == "mp4" and "mp4" in s

@@ -1,0 +1,164 @@
+"""Benchmark of `mmer-dist pack`: throughput against bare PyAV / file-copy baselines in the same run.
+
+    .venv/bin/python benchmarks/pack.py               # 500 synthetic MELD clips
+    .venv/bin/python benchmarks/pack.py --n 200 --keep /tmp/bench-pack
+
+Prints one JSON line per figure (with machine and versions):
+
+- train profile at 1 and 2 workers: clips/s; the same decode + encode done by a bare PyAV loop
+  (no tar, no index, no checks; 1 and 2 processes) over the same files; the ratios pack/bare;
+- raw profile: MB/s against a plain `shutil.copy` of the same files;
+- peak RSS of a packing worker, on the full corpus and on a fifth of it (it must not grow
+  with the corpus: a worker holds one sample at a time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from fractions import Fraction
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import av  # noqa: E402
+
+from mmer_dist.corpora import read_corpus  # noqa: E402
+from mmer_dist.corpora.synthetic import write_corpus  # noqa: E402
+from mmer_dist.shards.pack import pack  # noqa: E402
+
+VIDEO_SIZE, VIDEO_FPS = 224, 8.0
+
+
+def bare_transcode(path: str) -> int:
+    """What the train profile does to one clip, with PyAV and nothing else: bytes produced."""
+    total = 0
+    buf = io.BytesIO()
+    with av.open(path) as inp, av.open(buf, "w", format="flac") as out:
+        st = out.add_stream("flac", rate=16000, layout="mono", format="s16")
+        rs = av.AudioResampler(format="s16", layout="mono", rate=16000)
+        for frame in inp.decode(audio=0):
+            frame.pts = None
+            for o in rs.resample(frame):
+                out.mux(st.encode(o))
+        for o in rs.resample(None):
+            out.mux(st.encode(o))
+        out.mux(st.encode(None))
+    total += len(buf.getvalue())
+    buf = io.BytesIO()
+    rate = Fraction(VIDEO_FPS).limit_denominator(1001)
+    with av.open(path) as inp, av.open(buf, "w", format="mp4") as out:
+        src = inp.streams.video[0]
+        scale = min(1.0, VIDEO_SIZE / min(src.width, src.height))
+        w, h = int(round(src.width * scale / 2)) * 2, int(round(src.height * scale / 2)) * 2
+        st = out.add_stream("libx264", rate=rate, options={"crf": "23", "preset": "veryfast", "threads": "1"})
+        st.width, st.height, st.pix_fmt = w, h, "yuv420p"
+        half = 0.5 / float(src.average_rate)
+        k, t0 = 0, None
+        for frame in inp.decode(src):
+            t0 = frame.time if t0 is None else t0
+            while frame.time - t0 + half >= k / float(rate):
+                small = frame.reformat(width=w, height=h, format="yuv420p", interpolation="AREA")
+                small.pts, small.time_base = k, 1 / rate
+                out.mux(st.encode(small))
+                k += 1
+        out.mux(st.encode(None))
+    return total + len(buf.getvalue())
+
+
+def _bare_many(paths: list[str]) -> int:
+    return sum(bare_transcode(p) for p in paths)
+
+
+def bare_rate(paths: list[str], procs: int) -> float:
+    t = time.perf_counter()
+    if procs == 1:
+        _bare_many(paths)
+    else:
+        with mp.get_context("spawn").Pool(procs) as pool:
+            pool.map(_bare_many, [paths[i::procs] for i in range(procs)])
+    return len(paths) / (time.perf_counter() - t)
+
+
+def emit(figure: str, value: float, unit: str, **extra: object) -> None:
+    print(json.dumps({
+        "bench": "pack", "figure": figure, "value": round(value, 3), "unit": unit, **extra,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg": [round(x, 2) for x in os.getloadavg()]},
+        "versions": {"python": platform.python_version(), "av": av.__version__,
+                     "libavcodec": ".".join(map(str, av.library_versions["libavcodec"]))},
+    }), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=500, help="synthetic MELD clips (default 500)")
+    ap.add_argument("--keep", default="", help="work folder to keep (default: a temp folder, deleted)")
+    ap.add_argument("--shard-samples", type=int, default=50)
+    args = ap.parse_args(argv)
+
+    work = Path(args.keep or tempfile.mkdtemp(prefix="bench-pack-"))
+    try:
+        raw = work / "raw"
+        if not raw.exists():
+            t = time.perf_counter()
+            write_corpus("meld", raw, n=args.n, seed=0)
+            print(f"# synthetic corpus: {args.n} clips in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        utts, _ = read_corpus("meld", raw)
+        paths = sorted(str(u.video_path) for u in utts)
+        src_bytes = sum(os.path.getsize(p) for p in paths)
+        common = {"n": len(paths), "clip": "64x64 10 fps H.264 + AAC 16 kHz, 1-2 s", "profile_video": f"{VIDEO_SIZE}px {VIDEO_FPS} fps"}
+
+        _bare_many(paths[:5])                               # warm the page cache and the codecs
+        bare = {1: bare_rate(paths, 1), 2: bare_rate(paths, 2)}
+        for workers in (1, 2):
+            out = work / f"train-w{workers}"
+            shutil.rmtree(out, ignore_errors=True)
+            res = pack("meld", raw, out, workers=workers, shard_samples=args.shard_samples,
+                       video_size=VIDEO_SIZE, video_fps=VIDEO_FPS, progress=False)
+            rate = len(paths) / res.seconds
+            emit("train_clips_per_s", rate, "clips/s", workers=workers, **common)
+            emit("bare_pyav_clips_per_s", bare[workers], "clips/s", processes=workers, **common)
+            emit("train_vs_bare_ratio", rate / bare[workers], "ratio", workers=workers, **common)
+            emit("peak_rss_per_worker", res.peak_rss_mb, "MB", workers=workers, profile="train", **common)
+        # memory does not grow with the corpus: the same pack on a fifth of it
+        small = work / "raw-small"
+        if not small.exists():
+            write_corpus("meld", small, n=max(63, args.n // 5), seed=0)
+        out = work / "train-small"
+        shutil.rmtree(out, ignore_errors=True)
+        res = pack("meld", small, out, workers=1, shard_samples=args.shard_samples, progress=False)
+        emit("peak_rss_per_worker_small_corpus", res.peak_rss_mb, "MB", workers=1, profile="train",
+             n=res.samples_written)
+
+        copy_dir = work / "copy"
+        shutil.rmtree(copy_dir, ignore_errors=True)
+        copy_dir.mkdir()
+        t = time.perf_counter()
+        for i, p in enumerate(paths):
+            shutil.copy(p, copy_dir / f"{i}.mp4")
+        copy_mb_s = src_bytes / 1e6 / (time.perf_counter() - t)
+        for workers in (1, 2):
+            out = work / f"raw-w{workers}"
+            shutil.rmtree(out, ignore_errors=True)
+            res = pack("meld", raw, out, profile="raw", workers=workers, shard_samples=args.shard_samples, progress=False)
+            emit("raw_mb_per_s", src_bytes / 1e6 / res.seconds, "MB/s", workers=workers, source_mb=round(src_bytes / 1e6, 1), **common)
+            emit("raw_vs_copy_ratio", src_bytes / 1e6 / res.seconds / copy_mb_s, "ratio", workers=workers, **common)
+        emit("plain_copy_mb_per_s", copy_mb_s, "MB/s", source_mb=round(src_bytes / 1e6, 1), **common)
+        emit("main_process_peak_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "MB")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
