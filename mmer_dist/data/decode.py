@@ -366,12 +366,12 @@ def decode_files(video: str | Path | None = None, audio: str | Path | None = Non
     """
     if cfg_data is None:
         raise ValueError("decode_files needs cfg_data (the run's cfg.data)")
-    if video is None and audio is None and not text:
+    if not video and not audio and not text:
         raise ValueError("decode_files: give at least one of --video, --audio, --text")
     members: dict[str, Any] = {}
     names = []
     for path, kinds in ((video, VIDEO_EXTS), (audio, AUDIO_EXTS)):
-        if path is None:
+        if path is None or str(path) == "":
             continue
         p = Path(path)
         if not p.is_file():

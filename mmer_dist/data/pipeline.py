@@ -56,7 +56,7 @@ import random
 import zlib
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -71,9 +71,6 @@ from mmer_dist.shards.schema import META_EXT, SampleEntry, ShardStats, load_inde
 
 BUCKET_WINDOW_BATCHES = 32     # length bucketing sorts windows of this many batches of consecutive draws
 _STATE_FORMAT = "mmer_dist.pipeline.TrainLoader/1"
-
-Item = "int | tuple[int, bool, int, int]"   # index, or (index, is_padding, epoch, position in the draw)
-
 
 # --------------------------------------------------------------------------- map-style dataset
 

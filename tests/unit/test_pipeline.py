@@ -19,8 +19,8 @@ import soundfile as sf
 import torch
 
 from mmer_dist.config import DataConfig, SamplerConfig, replace
-from mmer_dist.data.pipeline import (ShardDataset, StreamLoader, StreamPlan, build_decoder, build_eval_loader,
-                                     build_train_loader, stream_pipeline)
+from mmer_dist.data.pipeline import (ShardDataset, StreamPlan, build_decoder, build_eval_loader,
+                                     build_train_loader)
 from mmer_dist.shards.pack import TarSampleWriter, member_offsets
 from mmer_dist.shards.schema import (INDEX_FILE, SampleEntry, ShardIndex, ShardStats, SplitIndex, shard_name,
                                      stats_name, write_json_atomic)
@@ -300,3 +300,19 @@ def test_stream_refuses_impossible_configs(shards):
         StreamPlan([2, 2], batch_size=4, world_size=2, num_workers=1, resample=True)
     with pytest.raises(ValueError, match="steps_per_epoch"):
         StreamPlan([5] * 8, batch_size=4, world_size=2, num_workers=2, resample=False, steps_per_epoch=40)
+
+
+def test_stream_resume_replays_the_rest(shards):
+    cfg = replace(CFG, loader="stream", num_workers=0, steps_per_epoch=5)
+    ref = build_train_loader(shards, cfg, SamplerConfig(weighting="inverse"), TOK, rank=1, world_size=2, epoch=2)
+    ref_keys = keys_of(ref)
+    run = build_train_loader(shards, cfg, SamplerConfig(weighting="inverse"), TOK, rank=1, world_size=2, epoch=2)
+    it = iter(run)
+    next(it), next(it)
+    state = json.loads(json.dumps(run.state_dict()))
+    fresh = build_train_loader(shards, cfg, SamplerConfig(weighting="inverse"), TOK, rank=1, world_size=2)
+    fresh.load_state_dict(state)
+    assert keys_of(fresh) == ref_keys[2:]
+    other = build_train_loader(shards, cfg, SamplerConfig(), TOK, rank=0, world_size=3)
+    with pytest.raises(ValueError, match="world_size"):
+        other.load_state_dict(state)
