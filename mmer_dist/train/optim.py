@@ -77,7 +77,9 @@ def param_groups(model: nn.Module, cfg: OptimConfig, only: Iterable[nn.Parameter
         group = groups.setdefault(key, {"name": key, "params": [], "lr": cfg.encoder_lr if is_encoder else cfg.lr,
                                         "weight_decay": cfg.weight_decay if decay else 0.0})
         group["params"].append(p)
-    return list(groups.values())
+    # Canonical order: components as they appear in the model (encoders, then fusion), decay before no_decay.
+    components = list(dict.fromkeys(k.split("/")[0] for k in groups))
+    return sorted(groups.values(), key=lambda g: (components.index(g["name"].split("/")[0]), g["name"].endswith("/no_decay")))
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, torch_adam: bool = True) -> torch.optim.Optimizer:
