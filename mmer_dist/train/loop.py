@@ -69,9 +69,12 @@ def build_accelerator(cfg: Config) -> Any:
         "gradient_accumulation_steps": cfg.train.grad_accum,
         # Our scheduler counts optimizer steps; Accelerate's default would step it once per process.
         "step_scheduler_with_optimizer": False,
-        "kwargs_handlers": [InitProcessGroupKwargs(backend=dist.backend(cuda))],
         "cpu": not cuda,
     }
+    if dist.world_info().world_size > 1:
+        # Without CUDA Accelerate would pick no backend (or nccl); name gloo/nccl explicitly. Passing it
+        # to a single process makes Accelerate expect a process group that never starts.
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend=dist.backend(cuda))]
     mp = cfg.train.mixed_precision
     if mp == "auto":
         mp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
@@ -178,6 +181,15 @@ def run_eval_loader(model: torch.nn.Module, loader: Any, labels: list[str], devi
     return result
 
 
+def rewrap_model(accelerator: Any, model: torch.nn.Module) -> torch.nn.Module:
+    """Prepare the unwrapped model again after parameters became trainable (DDP only)."""
+    if accelerator.num_processes == 1:
+        return model
+    inner = accelerator.unwrap_model(model)
+    accelerator._models = [m for m in accelerator._models if m is not model]
+    return accelerator.prepare_model(inner)
+
+
 def param_checksum(model: torch.nn.Module) -> str:
     """A hash of every parameter's bytes (this rank's view; ZeRO-3 shards differ by design)."""
     import hashlib
@@ -202,7 +214,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     from mmer_dist.models import build_model
     from mmer_dist.models.encoders import build_tokenizer
     from mmer_dist.models.heads import build_loss
-    from mmer_dist.train.optim import apply_freeze_schedule, build_optimizer, build_scheduler
+    from mmer_dist.train.optim import add_unfrozen_params, apply_freeze_schedule, build_optimizer, build_scheduler
 
     run_dir = Path(run_dir)
     accelerator = build_accelerator(cfg)
@@ -241,16 +253,17 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
 
-    apply_freeze_schedule(model, model_cfg, 0, optimizer=None)
+    state = read_trainer_state(resume_from) if resume_from is not None else TrainerState()
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+    if apply_freeze_schedule(model, model_cfg, state.step):
+        # resumed past an unfreeze step: rebuild the groups in the order they were saved in
+        add_unfrozen_params(optimizer, model, cfg.optim, scheduler)
     # Only these three go through prepare; the loaders stay per rank (see module docstring).
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    state = TrainerState()
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
-        state = read_trainer_state(resume_from)
         train_loader.load_state_dict(read_checkpoint_extra(resume_from)["loader"])
         if main:
             print(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch}, "
@@ -309,8 +322,11 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
             scheduler.step()
             state.step += 1
             bar.update(1)
-            if apply_freeze_schedule(accelerator.unwrap_model(model), model_cfg, state.step, optimizer=optimizer):
-                bar.write(f"step {state.step}: encoders unfrozen")
+            if apply_freeze_schedule(accelerator.unwrap_model(model), model_cfg, state.step):
+                names = add_unfrozen_params(optimizer, accelerator.unwrap_model(model), cfg.optim, scheduler)
+                # DDP fixes its gradient buckets at wrap time: wrap again so the new parameters are all-reduced.
+                model = rewrap_model(accelerator, model)
+                bar.write(f"step {state.step}: encoders unfrozen ({', '.join(names)})")
             if state.step % cfg.train.log_every == 0:
                 now = time.time()
                 totals = dist.all_reduce_sum(torch.tensor([sum(loss_window), len(loss_window)], dtype=torch.float64))
