@@ -434,8 +434,21 @@ def write_shard(job: ShardJob, spec: _WriteSpec, progress: Callable[[int], None]
         outcome.samples = len(entries)
     except Exception as e:
         outcome.error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
-    outcome.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    outcome.peak_rss_mb = peak_rss_mb()
     return outcome
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB: VmHWM, which (unlike ru_maxrss) does not inherit
+    the parent's peak through fork+exec of a spawned worker."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # worker-process globals (set by the pool initializer)
@@ -535,6 +548,7 @@ class PackResult:
     degraded: dict[str, int]
     samples_written: int
     seconds: float
+    timings: dict[str, float]       # seconds per phase: read (corpus reader), plan, write, merge
     peak_rss_mb: float              # max over worker processes (or this process with workers=1)
 
 
@@ -596,6 +610,7 @@ def pack(corpus: str, root: str | Path, out: str | Path, *, profile: str = "trai
          overwrite: bool = False, progress: bool = True) -> PackResult:
     """Pack `corpus` at `root` into shards in `out` (see the module docstring). Resumable."""
     t0 = time.perf_counter()
+    timings: dict[str, float] = {}
     task_id, num_tasks = _task_from_env(task_id, num_tasks)
     split_t = tuple(splits or ())
     cfg = PackConfig(corpus=corpus, root=str(Path(root).resolve()), profile=profile, shard_samples=shard_samples,
@@ -604,6 +619,7 @@ def pack(corpus: str, root: str | Path, out: str | Path, *, profile: str = "trai
                      reader_options=_reader_options(corpus, split_t, missing_media, reader_options))
     out = Path(out)
     utterances, report = read_corpus(corpus, cfg.root, **cfg.reader_options)
+    timings["read"] = time.perf_counter() - t0
     if split_t:
         unknown = sorted(set(split_t) - {u.split for u in utterances})
         if unknown:
@@ -611,6 +627,7 @@ def pack(corpus: str, root: str | Path, out: str | Path, *, profile: str = "trai
                             f"present: {sorted({u.split for u in utterances})}")
         utterances = [u for u in utterances if u.split in split_t]
     jobs = plan_shards(utterances, corpus, cfg.seed, cfg.shard_samples, cfg.shard_bytes)
+    timings["plan"] = time.perf_counter() - t0 - timings["read"]
     if merge_only:
         if not (out / PACK_FILE).exists():
             raise PackError(f"--merge-only: {out} has no {PACK_FILE}; run the pack first")
@@ -623,10 +640,13 @@ def pack(corpus: str, root: str | Path, out: str | Path, *, profile: str = "trai
 
     mine = [j for j in jobs if j.index % num_tasks == task_id] if not merge_only else []
     resumed = [j for j in mine if is_complete(out, j.name)]
+    t_write = time.perf_counter()
     todo = [j for j in mine if not is_complete(out, j.name)]
     outcomes = _run(todo, spec, workers, progress, total=sum(len(j.utterances) for j in mine),
                     done=sum(len(j.utterances) for j in resumed), desc=f"pack {corpus} {profile}")
 
+    timings["write"] = time.perf_counter() - t_write
+    t_merge = time.perf_counter()
     index = None
     if merge_only or all(is_complete(out, j.name) for j in jobs):   # merge_only: PackError when incomplete
         index = merge(out, jobs, cfg, report)
@@ -635,6 +655,7 @@ def pack(corpus: str, root: str | Path, out: str | Path, *, profile: str = "trai
     for o in outcomes:
         for s in o.skipped:
             (dropped if s["dropped"] else degraded)[s["reason"]] += 1
+    timings["merge"] = time.perf_counter() - t_merge
     if index is not None:
         sk = json.loads((out / SKIPPED_FILE).read_text(encoding="utf-8"))
         dropped, degraded = Counter(sk["dropped"]), Counter(sk["degraded"])
@@ -642,7 +663,7 @@ def pack(corpus: str, root: str | Path, out: str | Path, *, profile: str = "trai
         out=out, config=cfg, planned_shards=len(jobs), written=[o.name for o in outcomes if not o.error],
         resumed=[j.name for j in resumed], failed={o.name: o.error for o in outcomes if o.error}, index=index,
         dropped=dict(dropped), degraded=dict(degraded), samples_written=sum(o.samples for o in outcomes),
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0, timings={k: round(v, 4) for k, v in timings.items()},
         peak_rss_mb=max([o.peak_rss_mb for o in outcomes] or [0.0]),
     )
 
