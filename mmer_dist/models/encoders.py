@@ -387,7 +387,7 @@ class HFAudioEncoder(HFEncoder):
         if wav.shape[1] < self.min_samples:
             wav = F.pad(wav, (0, self.min_samples - wav.shape[1]))
         run_mask = lengths_to_mask(run_lengths, wav.shape[1])
-        x = _normalise_waveform(wav, mask & run_mask)
+        x = _normalise_waveform(wav.float(), mask & run_mask).to(self.backbone.dtype)
         if self.per_utterance:
             outs = [self.backbone(input_values=x[i: i + 1, : int(n)]).last_hidden_state[0]
                     for i, n in enumerate(run_lengths.tolist())]
@@ -446,8 +446,11 @@ class ScratchAudioEncoder(Encoder):
         super().__init__("audio", cfg, size["dim"])
         self.n_fft = int(0.025 * sample_rate)
         self.hop = int(0.010 * sample_rate)
-        self.melspec = torchaudio.transforms.MelSpectrogram(sample_rate=sample_rate, n_fft=self.n_fft,
-                                                            hop_length=self.hop, n_mels=size["n_mels"], center=False)
+        # A plain attribute, not a submodule: its window and filterbank stay float32 when the model is
+        # cast (model.to(bfloat16), DeepSpeed bf16) and stay out of the state dict (nothing learned).
+        melspec = torchaudio.transforms.MelSpectrogram(sample_rate=sample_rate, n_fft=self.n_fft,
+                                                       hop_length=self.hop, n_mels=size["n_mels"], center=False)
+        object.__setattr__(self, "_melspec", melspec)  # bypass nn.Module registration
         dim = size["dim"]
         self.conv1 = nn.Conv1d(size["n_mels"], dim, kernel_size=3, stride=2, padding=1)
         self.conv2 = nn.Conv1d(dim, dim, kernel_size=3, stride=2, padding=1)
@@ -473,7 +476,9 @@ class ScratchAudioEncoder(Encoder):
             wav = F.pad(wav, (0, self.n_fft - wav.shape[1]))
         wav = wav * lengths_to_mask(lengths, wav.shape[1]).to(wav.dtype)
         with torch.autocast(device_type=wav.device.type, enabled=False):
-            feats = torch.log(self.melspec(wav.float()) + 1e-6)  # [B, n_mels, T]
+            if self._melspec.spectrogram.window.device != wav.device:
+                self._melspec.to(wav.device)  # in place
+            feats = torch.log(self._melspec(wav.float()) + 1e-6)  # [B, n_mels, T]
             fmask = lengths_to_mask(self._frames(run_lengths), feats.shape[2])[:, None, :].float()
             n = fmask.sum(2, keepdim=True).clamp(min=1.0)
             mean = (feats * fmask).sum(2, keepdim=True) / n
@@ -543,11 +548,11 @@ class HFVideoEncoder(HFEncoder):
             index = torch.gather(order, 1, picks)
             clip = video[torch.arange(b, device=video.device)[:, None], index]  # [B, nf, 3, H, W]
             clip = _resize_frames(clip.flatten(0, 1), self.image_size).unflatten(0, (b, self.num_frames))
-            hidden = self.backbone(pixel_values=clip).last_hidden_state
+            hidden = self.backbone(pixel_values=clip.to(self.backbone.dtype)).last_hidden_state
             return hidden, (counts > 0)[:, None].expand(b, hidden.shape[1])
         run = _stub_rows(mask)
         frames = _resize_frames(video[run], self.image_size)
-        cls = self.backbone(pixel_values=frames).last_hidden_state[:, 0]
+        cls = self.backbone(pixel_values=frames.to(self.backbone.dtype)).last_hidden_state[:, 0]
         tokens = cls.new_zeros(b, f, cls.shape[-1])
         tokens[run] = cls
         return tokens, mask
@@ -605,7 +610,7 @@ class ScratchVideoEncoder(Encoder):
     def encode(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         video, mask = batch["video"], batch["video_mask"].bool()
         run = _stub_rows(mask)
-        per_frame = self.cnn(video[run])
+        per_frame = self.cnn(video[run].to(self.cnn[0].weight.dtype))
         x = per_frame.new_zeros(*mask.shape, self.out_dim)
         x[run] = per_frame
         x = x + sinusoidal_positions(x.shape[1], x.shape[2], x.device, x.dtype)

@@ -303,3 +303,19 @@ def test_tiny_model_overfits_16_samples():
             if accuracy == 1.0:
                 break
     assert accuracy == 1.0, f"accuracy {accuracy:.2f} after {steps} steps (loss {loss.item():.3f})"
+
+
+@pytest.mark.parametrize("cfg_fn", [debug_cfg, hf_cfg], ids=["scratch", "hf"])
+def test_dtype_clean_under_bf16_autocast_and_bf16_weights(cfg_fn):
+    """fp32 batches work with bf16 autocast (Accelerate) and with bf16-cast weights (DeepSpeed bf16)."""
+    torch.manual_seed(0)
+    model = build_model(cfg_fn())
+    b = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(b)
+    F.cross_entropy(logits.float(), b["labels"]).backward()
+    assert torch.isfinite(logits.float()).all()
+    model = model.to(torch.bfloat16)
+    logits = model(b)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+    F.cross_entropy(logits.float(), b["labels"]).backward()
