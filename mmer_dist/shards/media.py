@@ -54,7 +54,7 @@ _BITEXACT = {"fflags": "+bitexact"}
 # FFmpeg's default probe reads up to 5 MB / 5 s of a file to guess stream parameters (~30 ms per
 # wav or mp4 here); mp4/wav/flac headers already say everything, so probe little and fall back to
 # the full probe when a parameter is still unknown (`_params_known`).
-_FAST_PROBE = {"probesize": "65536", "analyzeduration": "100000"}
+_FAST_PROBE = {"probesize": "4096", "analyzeduration": "0"}
 
 
 class MediaError(Exception):

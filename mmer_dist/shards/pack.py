@@ -673,8 +673,9 @@ def _run(jobs: list[ShardJob], spec: _WriteSpec, workers: int, progress: bool, t
     """Write `jobs` in this process (workers=1) or a pool of spawned processes; tqdm in this one."""
     from tqdm import tqdm
 
+    tty = sys.stderr.isatty()      # in a Slurm log: a line every 30 s, not a carriage-return stream
     bar = tqdm(total=total, initial=done, desc=desc, unit="sample", disable=not progress or not jobs,
-               dynamic_ncols=True, mininterval=0.5, smoothing=0.1)
+               dynamic_ncols=tty, mininterval=0.5 if tty else 30.0, smoothing=0.1)
     outcomes: list[ShardOutcome] = []
     try:
         if workers <= 1 or len(jobs) <= 1:
@@ -730,7 +731,7 @@ def pack_main(args: argparse.Namespace) -> int:
                    splits=_csv(args.splits), video_size=args.video_size, video_fps=args.video_fps,
                    missing_media=args.missing_media, reader_options=reader_options, task_id=args.task_id,
                    num_tasks=args.num_tasks, merge_only=args.merge_only, overwrite=args.overwrite,
-                   progress=sys.stderr.isatty() or bool(os.environ.get("MMER_PROGRESS")))
+                   progress=True)
     except (PackError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
