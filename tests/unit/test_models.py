@@ -284,9 +284,12 @@ def overfit_batch(n: int = 16, classes: int = 4, seed: int = 0) -> dict:
             "video": video, "video_mask": torch.ones(n, 3, dtype=torch.bool)}
 
 
-def test_tiny_model_overfits_16_samples():
+@pytest.mark.parametrize("modalities", [MODS, ("text",), ("audio",), ("video",)], ids="+".join)
+def test_tiny_model_overfits_16_samples(modalities):
+    """End to end learnable, and through each encoder alone (the signal must pass through it)."""
     torch.manual_seed(0)
-    model = build_model(debug_cfg(num_classes=4, fusion=FusionConfig(width=32, layers=1, heads=2, dropout=0.0)))
+    model = build_model(debug_cfg(num_classes=4, modalities=modalities,
+                                  fusion=FusionConfig(width=32, layers=1, heads=2, dropout=0.0)))
     opt = build_optimizer(model, OptimConfig(lr=3e-3, encoder_lr=3e-3, weight_decay=0.0))
     b = overfit_batch()
     accuracy, steps = 0.0, 0
