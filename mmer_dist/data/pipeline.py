@@ -217,9 +217,12 @@ def _worker_init(_: int) -> None:
 
 
 def _dataloader(dataset: Dataset, batch_sampler: Any, collate: Collator, num_workers: int, persistent: bool) -> DataLoader:
+    # A private generator: creating an iterator must not draw from the global torch RNG, or a resumed
+    # run (whose iterator starts mid-epoch) would see different dropout masks than an uninterrupted one.
     return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=num_workers,
                       persistent_workers=persistent and num_workers > 0, pin_memory=torch.cuda.is_available(),
-                      worker_init_fn=_worker_init if num_workers > 0 else None)
+                      worker_init_fn=_worker_init if num_workers > 0 else None,
+                      generator=torch.Generator().manual_seed(0))
 
 
 class _Counting:
@@ -619,7 +622,8 @@ class StreamLoader(_Counting):
         start = self._start if batches_done is None else int(batches_done)
         loader = DataLoader(self.pipeline(), batch_size=None, num_workers=self.cfg.num_workers,
                             pin_memory=torch.cuda.is_available(),
-                            worker_init_fn=_worker_init if self.cfg.num_workers > 0 else None)
+                            worker_init_fn=_worker_init if self.cfg.num_workers > 0 else None,
+                            generator=torch.Generator().manual_seed(0))   # see _dataloader: keep the global RNG untouched
         for k, batch in enumerate(loader):
             if k < start:
                 continue

@@ -63,7 +63,7 @@ def preflight(cfg: Config, run_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg, run_dir = resolve(args)
         if args.dump_config:
