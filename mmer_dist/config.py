@@ -143,14 +143,21 @@ class EncoderConfig:
     freeze_feature_extractor: bool = True
     """Audio hf encoders: keep the convolutional feature extractor frozen."""
     gradient_checkpointing: bool = False
+    dropout: float = 0.1
+    """Dropout inside from-scratch and random-init (debug) encoders; pretrained ones keep their own."""
     pooling: str = "tokens"
     """tokens: hand the fusion the token sequence; mean/cls: one pooled vector."""
+    dim: int = 0
+    """kind=cached only: width D of the stored features; 0 = that of the encoder named by pretrained/size
+    (read from its config; set it when that encoder is not available here, e.g. model.text.dim=768)."""
 
     def __post_init__(self) -> None:
         _check_choice("encoder kind", self.kind, ("hf", "scratch", "cached"))
         _check_choice("encoder size", self.size, ("debug", "small", "base"))
         _check_choice("encoder pooling", self.pooling, ("tokens", "mean", "cls"))
         _check(self.unfreeze_after_steps >= 0, "unfreeze_after_steps must be >= 0")
+        _check(self.dim >= 0, f"encoder dim={self.dim} must be >= 0 (0 = the named encoder's width)")
+        _check(0.0 <= self.dropout < 1.0, f"encoder dropout={self.dropout} must be in [0, 1)")
         _check(self.unfreeze_after_steps == 0 or self.freeze,
                f"unfreeze_after_steps={self.unfreeze_after_steps} needs freeze=true (freeze-then-unfreeze)")
 

@@ -39,7 +39,7 @@ def run_demo(out: Path, n: int = DEMO_N, nproc: int = 2, extra: list[str] | None
     """Run every stage; returns {run name: test metrics}."""
     from mmer_dist.corpora.synthetic import write_corpus
     from mmer_dist.evaluate import evaluate_model
-    from mmer_dist.report import compare_runs
+    from mmer_dist.report import compare_main
     from mmer_dist.shards.pack import pack
 
     out = Path(out)
@@ -53,7 +53,7 @@ def run_demo(out: Path, n: int = DEMO_N, nproc: int = 2, extra: list[str] | None
         print(f"already there: {raw}")
 
     _step(2, total, f"pack into WebDataset shards -> {shards}")
-    pack("meld", raw, shards, profile="train", workers=2, shard_samples=100, video_size=64, video_fps=8.0)
+    pack("meld", raw, shards, profile="train", workers=2, shard_samples=100, video_size=64, video_fps=10.0)
 
     results: dict[str, dict] = {}
     _step(3, total, f"train baseline and weighted sampler, {nproc} CPU processes each -> {runs}")
@@ -67,17 +67,17 @@ def run_demo(out: Path, n: int = DEMO_N, nproc: int = 2, extra: list[str] | None
 
     _step(4, total, "evaluate both on the held-out test split")
     for name in RUNS:
-        results[name] = evaluate_model(runs / name, shards, "test", runs / name / "eval-test")
+        results[name] = evaluate_model(runs / name / "export", shards, "test", out / "eval-test" / name)
 
     _step(5, total, "compare")
-    print(compare_runs([runs / name / "eval-test" for name in RUNS], out / "compare"))
+    compare_main(argparse.Namespace(runs=[str(out / "eval-test" / name) for name in RUNS], out=str(out / "compare")))
     minority = ("fear", "disgust")
     for name, m in results.items():
         pc = m["per_class"]
         print(f"{name:>9}: test macro-F1 {m['macro_f1']:.3f}  weighted-F1 {m['weighted_f1']:.3f}  "
               + "  ".join(f"{c} F1 {pc[c]['f1']:.2f}" for c in minority if c in pc))
     print(f"\ndone in {time.time() - t0:.0f} s. Report: {out / 'compare'} (compare.png, compare.json); "
-          f"per run: {runs}/NAME/eval-test/ (confusion.png, per_class_f1.png, curves.png, metrics.json); "
+          f"per run: {out / 'eval-test'}/NAME/ (confusion.png, per_class_f1.png, curves.png, metrics.json); "
           f"TensorBoard: tensorboard --logdir {runs}")
     return results
 

@@ -315,12 +315,13 @@ class HFTextEncoder(HFEncoder):
                 "text_mask": torch.zeros(batch_size, 1, dtype=torch.bool, device=device)}
 
 
-def _debug_text_config() -> Any:
+def _debug_text_config(dropout: float = 0.1) -> Any:
     from transformers import BertConfig
 
     vocab = json.loads((minilm_path() / "config.json").read_text())["vocab_size"]
     return BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=512, pad_token_id=0)
+                      intermediate_size=64, max_position_embeddings=512, pad_token_id=0,
+                      hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
 
 
 def build_text_hf(cfg: EncoderConfig, sample_rate: int) -> Encoder:
@@ -330,7 +331,7 @@ def build_text_hf(cfg: EncoderConfig, sample_rate: int) -> Encoder:
     if source:
         backbone = load_pretrained(AutoModel, source, "model.text.pretrained", _origin("text", cfg))
     else:
-        backbone = AutoModel.from_config(_debug_text_config())
+        backbone = AutoModel.from_config(_debug_text_config(cfg.dropout))
     return HFTextEncoder("text", cfg, backbone, source)
 
 
@@ -401,14 +402,15 @@ class HFAudioEncoder(HFEncoder):
                 "audio_mask": torch.zeros(batch_size, self.min_samples, dtype=torch.bool, device=device)}
 
 
-def _debug_audio_config() -> Any:
+def _debug_audio_config(dropout: float = 0.1) -> Any:
     from transformers import Wav2Vec2Config
 
     return Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                           conv_dim=(32, 32, 32), conv_kernel=(10, 8, 4), conv_stride=(5, 4, 4),
                           feat_extract_norm="layer", do_stable_layer_norm=True, num_conv_pos_embeddings=16,
                           num_conv_pos_embedding_groups=4, mask_time_prob=0.0, layerdrop=0.0,
-                          vocab_size=4)
+                          vocab_size=4, hidden_dropout=dropout, attention_dropout=dropout,
+                          activation_dropout=dropout, feat_proj_dropout=dropout)
 
 
 def build_audio_hf(cfg: EncoderConfig, sample_rate: int) -> Encoder:
@@ -422,7 +424,7 @@ def build_audio_hf(cfg: EncoderConfig, sample_rate: int) -> Encoder:
         backbone = load_pretrained(AutoModel, source, "model.audio.pretrained", _origin("audio", cfg),
                                    mask_time_prob=0.0, mask_feature_prob=0.0, layerdrop=0.0)
     else:
-        backbone = AutoModel.from_config(_debug_audio_config())
+        backbone = AutoModel.from_config(_debug_audio_config(cfg.dropout))
     if not hasattr(backbone, "_get_feat_extract_output_lengths"):
         raise ConfigError(f"model.audio.pretrained={source!r} is a {type(backbone).__name__}, not a "
                           f"wav2vec2/HuBERT/WavLM-style speech encoder")
@@ -454,7 +456,7 @@ class ScratchAudioEncoder(Encoder):
         dim = size["dim"]
         self.conv1 = nn.Conv1d(size["n_mels"], dim, kernel_size=3, stride=2, padding=1)
         self.conv2 = nn.Conv1d(dim, dim, kernel_size=3, stride=2, padding=1)
-        self.transformer = TokenTransformer(dim, size["layers"], size["heads"])
+        self.transformer = TokenTransformer(dim, size["layers"], size["heads"], cfg.dropout)
         self.transformer.gradient_checkpointing = cfg.gradient_checkpointing
 
     def describe(self) -> dict[str, Any]:
@@ -562,11 +564,12 @@ class HFVideoEncoder(HFEncoder):
                 "video_mask": torch.zeros(batch_size, 1, dtype=torch.bool, device=device)}
 
 
-def _debug_video_config() -> Any:
+def _debug_video_config(dropout: float = 0.1) -> Any:
     from transformers import VideoMAEConfig
 
     return VideoMAEConfig(image_size=32, patch_size=8, num_frames=4, tubelet_size=2, hidden_size=32,
-                          num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+                          num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
 
 
 def build_video_hf(cfg: EncoderConfig, sample_rate: int) -> Encoder:
@@ -576,7 +579,7 @@ def build_video_hf(cfg: EncoderConfig, sample_rate: int) -> Encoder:
     if source:
         backbone = load_pretrained(AutoModel, source, "model.video.pretrained", _origin("video", cfg))
     else:
-        backbone = AutoModel.from_config(_debug_video_config())
+        backbone = AutoModel.from_config(_debug_video_config(cfg.dropout))
     if not hasattr(backbone.config, "image_size"):
         raise ConfigError(f"model.video.pretrained={source!r} is a {type(backbone).__name__}, not a video "
                           f"(VideoMAE) or image (ViT-style) model")
@@ -601,7 +604,7 @@ class ScratchVideoEncoder(Encoder):
 
         self.cnn = nn.Sequential(*block(3, c1), *block(c1, c2), *block(c2, dim),
                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(dim, dim))
-        self.transformer = TokenTransformer(dim, size["layers"], size["heads"])
+        self.transformer = TokenTransformer(dim, size["layers"], size["heads"], cfg.dropout)
         self.transformer.gradient_checkpointing = cfg.gradient_checkpointing
 
     def describe(self) -> dict[str, Any]:

@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _overrides(*extra: str) -> list[str]:
     # dropout off so runs with different process counts compute the same losses
-    return ["data.modalities=[text,audio]", "model.fusion.dropout=0.0", "train.log_every=1",
+    return ["data.modalities=[text,audio]", "model.fusion.dropout=0.0", "model.text.dropout=0.0",
+            "model.audio.dropout=0.0", "train.log_every=1",
             "optim.warmup_steps=2", "data.batch_size=8", *extra]
 
 
