@@ -51,6 +51,7 @@ import os
 import random
 import re
 import resource
+import signal
 import sys
 import tarfile
 import threading
@@ -455,10 +456,51 @@ def peak_rss_mb() -> float:
 _QUEUE: Any = None
 
 
-def _init_worker(queue: Any) -> None:
+def _init_worker(queue: Any, parent: int) -> None:
     global _QUEUE
     _QUEUE = queue
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _die_with_parent(parent)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: SIGKILL this worker when the packing process dies (even by SIGKILL), so no orphan keeps
+    writing a shard while the pack is resumed."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:     # the parent died before prctl took effect
+        os._exit(1)
+
+
+class _TaskLock:
+    """An exclusive flock on OUT/.lock-task{t}of{T}: two packs of the same task never run at once.
+
+    The kernel drops the lock when its process dies (SIGKILL included), so it never goes stale.
+    """
+
+    def __init__(self, out: Path, task_id: int, num_tasks: int) -> None:
+        import fcntl
+
+        self.path = out / f".lock-task{task_id}of{num_tasks}"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip()
+            os.close(self.fd)
+            raise PackError(f"another pack ({holder or 'unknown pid'}) is writing task {task_id} of {num_tasks} "
+                            f"into {out}; wait for it to finish or stop it, then run again") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
+
+    def release(self) -> None:
+        os.close(self.fd)       # closing drops the flock; the file stays (unlinking it would race)
 
 
 def write_shard_in_worker(job: ShardJob, spec: _WriteSpec) -> ShardOutcome:
@@ -639,11 +681,16 @@ def pack(corpus: str, root: str | Path, out: str | Path, *, profile: str = "trai
                       sample_rate=cfg.sample_rate, missing_media=missing_media)
 
     mine = [j for j in jobs if j.index % num_tasks == task_id] if not merge_only else []
-    resumed = [j for j in mine if is_complete(out, j.name)]
-    t_write = time.perf_counter()
-    todo = [j for j in mine if not is_complete(out, j.name)]
-    outcomes = _run(todo, spec, workers, progress, total=sum(len(j.utterances) for j in mine),
-                    done=sum(len(j.utterances) for j in resumed), desc=f"pack {corpus} {profile}")
+    lock = _TaskLock(out, task_id, num_tasks) if not merge_only else None
+    try:
+        resumed = [j for j in mine if is_complete(out, j.name)]
+        t_write = time.perf_counter()
+        todo = [j for j in mine if not is_complete(out, j.name)]
+        outcomes = _run(todo, spec, workers, progress, total=sum(len(j.utterances) for j in mine),
+                        done=sum(len(j.utterances) for j in resumed), desc=f"pack {corpus} {profile}")
+    finally:
+        if lock is not None:
+            lock.release()
 
     timings["write"] = time.perf_counter() - t_write
     t_merge = time.perf_counter()
@@ -694,7 +741,7 @@ def _run(jobs: list[ShardJob], spec: _WriteSpec, workers: int, progress: bool, t
         # ProcessPoolExecutor, not multiprocessing.Pool: a worker killed by the OS (OOM) breaks the
         # pool with an error here instead of hanging; its shards stay incomplete for the next run.
         with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker,
-                                 initargs=(queue,)) as pool:
+                                 initargs=(queue, os.getpid())) as pool:
             futures = {pool.submit(write_shard_in_worker, j, spec): j for j in jobs}
             for fut in as_completed(futures):
                 try:

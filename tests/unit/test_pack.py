@@ -169,6 +169,20 @@ def _run_pack_subprocess(root: Path, out: Path, *extra: str) -> subprocess.Popen
                              "--shard-samples", "1", *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_sigkill_then_resume_equals_uninterrupted(meld_root: Path, tmp_path: Path, workers: str) -> None:
@@ -178,9 +192,11 @@ def test_sigkill_then_resume_equals_uninterrupted(meld_root: Path, tmp_path: Pat
     deadline = time.time() + 60
     while not list(out.glob("*.stats.json")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.002)
+    children = _children(proc.pid)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    time.sleep(0.5)                            # workers die with their parent (PR_SET_PDEATHSIG): give them a moment
     assert not (out / "index.json").exists(), "the pack finished before it was killed: the test proves nothing"
     n_done = len(list(out.glob("*.stats.json")))
     assert 1 <= n_done < 21
@@ -193,7 +209,23 @@ def test_sigkill_then_resume_equals_uninterrupted(meld_root: Path, tmp_path: Pat
     res = pack("meld", meld_root, out, shard_samples=1, progress=False)
     assert len(res.resumed) == n_done and len(res.written) == 21 - n_done
     assert _files(out) == _files(ref)
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and not p.name.startswith(".lock-")]
+    assert workers == "1" or children, "no worker processes seen: the 2-worker run did not use a pool"
+    assert [c for c in children if _alive(c)] == [], "packing processes outlived the killed pack"
+
+
+def test_a_second_pack_of_the_same_task_is_refused(meld_root: Path, tmp_path: Path) -> None:
+    from mmer_dist.shards.pack import _TaskLock
+
+    out = tmp_path / "s"
+    out.mkdir()
+    held = _TaskLock(out, 0, 1)
+    try:
+        with pytest.raises(PackError, match=f"another pack \\(pid {os.getpid()}"):
+            pack("meld", meld_root, out, progress=False)
+    finally:
+        held.release()
+    assert pack("meld", meld_root, out, progress=False).index is not None
 
 
 def test_job_array_tasks_then_merge(meld_root: Path, tmp_path: Path) -> None:
