@@ -45,7 +45,8 @@ def meld_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _files(d: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+    """Every file of a shards folder but the per-task lock files (`.lock-task{t}of{T}`)."""
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file() and not p.name.startswith(".lock-")}
 
 
 def _cli(*argv: str) -> int:
