@@ -670,18 +670,26 @@ def pack(corpus: str, root: str | Path, out: str | Path, *, profile: str = "trai
         utterances = [u for u in utterances if u.split in split_t]
     jobs = plan_shards(utterances, corpus, cfg.seed, cfg.shard_samples, cfg.shard_bytes)
     timings["plan"] = time.perf_counter() - t0 - timings["read"]
+    lock = None
     if merge_only:
         if not (out / PACK_FILE).exists():
             raise PackError(f"--merge-only: {out} has no {PACK_FILE}; run the pack first")
         _check_out(out, cfg, overwrite=False, num_tasks=num_tasks)
     else:
-        _check_out(out, cfg, overwrite, num_tasks)
+        if out.exists() and not out.is_dir():
+            raise PackError(f"--out {out} exists and is not a folder; choose another path")
+        out.mkdir(parents=True, exist_ok=True)
+        lock = _TaskLock(out, task_id, num_tasks)      # before --overwrite may delete anything
+        try:
+            _check_out(out, cfg, overwrite, num_tasks)
+        except BaseException:
+            lock.release()
+            raise
     spec = _WriteSpec(out=str(out), root=cfg.root, corpus=corpus, labels=labels_for(corpus), profile=profile,
                       video_size=cfg.video_size, video_fps=cfg.video_fps, video_crf=cfg.video_crf,
                       sample_rate=cfg.sample_rate, missing_media=missing_media)
 
     mine = [j for j in jobs if j.index % num_tasks == task_id] if not merge_only else []
-    lock = _TaskLock(out, task_id, num_tasks) if not merge_only else None
     try:
         resumed = [j for j in mine if is_complete(out, j.name)]
         t_write = time.perf_counter()
