@@ -329,25 +329,27 @@ def verify_tracks(path: str | Path, kinds: tuple[str, ...] = ("audio", "video"))
         if not streams:
             return result
         by_index = {s.index: k for k, s in streams.items()}
-        end = {k: 0.0 for k in streams}
-        count = {k: 0 for k in streams}
+        last = {k: 0 for k in streams}         # max(pts + duration) in stream time-base units (ints:
+        count = {k: 0 for k in streams}        # no Fraction per packet, the loop is the raw profile's cost)
         try:
             for pkt in inp.demux(*streams.values()):
-                if pkt.size == 0 or pkt.stream.index not in by_index:
+                k = by_index.get(pkt.stream_index)
+                if k is None or pkt.size == 0:
                     continue
-                k = by_index[pkt.stream.index]
                 count[k] += 1
-                if pkt.pts is not None and pkt.time_base is not None:
-                    end[k] = max(end[k], float((pkt.pts + (pkt.duration or 0)) * pkt.time_base))
+                pts = pkt.pts
+                if pts is not None:
+                    last[k] = max(last[k], pts + (pkt.duration or 0))
         except av.error.FFmpegError as e:
             reason = "truncated_media" if _structurally_truncated(path) else "corrupt_media"
             raise MediaError(reason, path, f"demuxing: {e}") from None
+        end: dict[str, float] = {}
         for k, st in streams.items():
             if count[k] == 0:
                 result[k] = MediaError(f"empty_{k}", path, f"no {k} packets")
                 continue
-            if st.start_time is not None and st.time_base is not None:
-                end[k] -= float(st.start_time * st.time_base)
+            tb = st.time_base or Fraction(0)
+            end[k] = float((last[k] - (st.start_time or 0)) * tb)
             declared = _declared(inp, st)
             _check_complete(path, end[k], declared)     # a cut-off file is broken for every track
             result[k] = end[k] if end[k] > 0 else declared
