@@ -10,6 +10,10 @@ The batch (model input), for the modalities in `cfg.data.modalities` only:
     "audio": FloatTensor[B, S], "audio_mask": BoolTensor[B, S]        True = real sample
     "video": FloatTensor[B, F, 3, H, W], "video_mask": BoolTensor[B, F]
 
+or, from embedding shards (`mmer-dist embed`), per modality instead of its media keys:
+
+    "text_emb": FloatTensor[B, T, D], "text_emb_mask": BoolTensor[B, T]   (T = 1 for pooled vectors)
+
 plus bookkeeping the loop reads and the model ignores:
 
     "pad": BoolTensor[B]            True = an evaluation padding duplicate: drop it before metrics
@@ -49,6 +53,27 @@ def _pad_1d(rows: list[torch.Tensor | None], dtype: torch.dtype, pad_value: floa
     return out, mask
 
 
+def collate_embeddings(samples: list[dict[str, Any]], modalities: Sequence[str]) -> dict[str, torch.Tensor]:
+    """`{m}_emb` [B, T, D] float32 + `{m}_emb_mask` [B, T] for the modalities whose samples carry features."""
+    out: dict[str, torch.Tensor] = {}
+    for m in modalities:
+        rows = [s.get(f"{m}_emb") for s in samples]
+        widths = {int(r.shape[1]) for r in rows if r is not None}
+        if len(widths) > 1:
+            raise ValueError(f"{m} features of different widths {sorted(widths)} in one batch: the shards mix "
+                             f"embeddings of several encoders; re-run `mmer-dist embed` into a fresh folder")
+        d = widths.pop() if widths else 1
+        t = max([int(r.shape[0]) for r in rows if r is not None] + [1])
+        values = torch.zeros((len(rows), t, d), dtype=torch.float32)
+        mask = torch.zeros((len(rows), t), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            if r is not None and r.shape[0] > 0:
+                values[i, : r.shape[0]] = r.to(torch.float32)
+                mask[i, : r.shape[0]] = True
+        out[f"{m}_emb"], out[f"{m}_emb_mask"] = values, mask
+    return out
+
+
 class Collator:
     """Picklable collate_fn for DataLoader / `wds.batched` over samples and `Skipped` markers."""
 
@@ -69,11 +94,14 @@ class Collator:
             "skipped": dict(skipped),
             "degraded": dict(degraded),
         }
-        if "text" in self.modalities:
+        # embedding shards: a modality whose samples carry `{m}_emb` gets features instead of media keys
+        embedded = [m for m in self.modalities if any(f"{m}_emb" in s for s in samples)]
+        batch.update(collate_embeddings(samples, embedded))
+        if "text" in self.modalities and "text" not in embedded:
             batch["text_ids"], batch["text_mask"] = _pad_1d([s.get("text_ids") for s in samples], torch.long, self.pad_id)
-        if "audio" in self.modalities:
+        if "audio" in self.modalities and "audio" not in embedded:
             batch["audio"], batch["audio_mask"] = _pad_1d([s.get("audio") for s in samples], torch.float32, 0.0)
-        if "video" in self.modalities:
+        if "video" in self.modalities and "video" not in embedded:
             video = torch.zeros((len(samples), self.frames, 3, self.size, self.size), dtype=torch.float32)
             vmask = torch.zeros((len(samples), self.frames), dtype=torch.bool)
             for i, s in enumerate(samples):

@@ -23,6 +23,8 @@ Per modality (only those in `cfg.data.modalities`; a modality outside it is neve
   mean/std, shape [F, 3, H, W]. The codec runs single-threaded: the DataLoader workers are
   the parallelism.
 * text: the text encoder's tokenizer, truncated to `max_text_tokens` (special tokens kept).
+* embedding shards (`mmer-dist embed`): KEY.emb.{modality}.npy -> `{modality}_emb`, float16
+  [T, D] (T = 1 for a pooled vector); no media is decoded and the tokenizer is not used.
 
 Failure policy. A member that is present but cannot be decoded raises `DecodeError(reason)`;
 the pipeline catches it, skips the sample and counts it per reason (never a worker crash).
@@ -44,7 +46,7 @@ import numpy as np
 import torch
 
 from mmer_dist.config import DataConfig
-from mmer_dist.shards.schema import AUDIO_EXTS, META_EXT, TEXT_EXT, VIDEO_EXTS
+from mmer_dist.shards.schema import AUDIO_EXTS, EMBED_EXT_PREFIX, META_EXT, TEXT_EXT, VIDEO_EXTS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -251,6 +253,41 @@ def decode_text(data: bytes | str, tokenizer: Callable[..., Any], max_tokens: in
     return torch.tensor(list(ids)[:max_tokens], dtype=torch.long)
 
 
+# --------------------------------------------------------------------------- embeddings (mmer-dist embed)
+
+
+def embedding_ext(modality: str) -> str:
+    """Member extension of a modality's features in embedding shards: `emb.text.npy` (KEY.emb.text.npy)."""
+    return f"{EMBED_EXT_PREFIX}{modality}.npy"
+
+
+def is_embedding_sample(members: dict[str, Any]) -> bool:
+    """True for a sample of embedding shards (it has at least one KEY.emb.*.npy member)."""
+    return any(str(k).startswith(EMBED_EXT_PREFIX) for k in members)
+
+
+def decode_embedding(data: bytes, key: str = "", modality: str = "") -> torch.Tensor:
+    """`.npy` bytes (float16 [D] pooled or [T, D] tokens) -> float16 tensor [T, D] (T = 1 when pooled)."""
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:
+        raise DecodeError("embedding_corrupt", key, f"{key}.{embedding_ext(modality)}: {type(e).__name__}: {e}") from e
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[1] == 0 or not np.issubdtype(arr.dtype, np.floating):
+        raise DecodeError("embedding_corrupt", key, f"{key}.{embedding_ext(modality)}: expected float [D] or [T, D], "
+                                                    f"got {arr.dtype} {arr.shape}; re-run `mmer-dist embed`")
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def decode_embedding_sample(members: dict[str, Any], modalities: tuple[str, ...], out: dict[str, Any]) -> dict[str, Any]:
+    """Fill `out` (key/label already set) with `{m}_emb` per modality: [T, D] float16, None when absent."""
+    for m in modalities:
+        data = members.get(embedding_ext(m))
+        out[f"{m}_emb"] = None if data is None else decode_embedding(data, out["key"], m)
+    return out
+
+
 # --------------------------------------------------------------------------- sample
 
 
@@ -269,6 +306,7 @@ def decode_sample(members: dict[str, Any], cfg_data: DataConfig, tokenizer: Call
     Returns {"key", "label", "text_ids", "audio", "video", "degraded"}; a modality in
     `cfg_data.modalities` the sample lacks (or that decodes to nothing) is None, a modality not
     in it is absent from the dict. Raises DecodeError on a member that cannot be decoded.
+    A sample of embedding shards gives {"key", "label", "degraded", "text_emb", ...} instead.
     """
     key = key or str(members.get("__key__", "")) or "?"
     label = -1
@@ -284,6 +322,8 @@ def decode_sample(members: dict[str, Any], cfg_data: DataConfig, tokenizer: Call
             raise DecodeError("meta_corrupt", key, f"{key}.{META_EXT}: {type(e).__name__}: {e}") from e
     out: dict[str, Any] = {"key": key, "label": label, "degraded": []}
     mods = cfg_data.modalities
+    if is_embedding_sample(members):      # shards written by `mmer-dist embed`: features, no media
+        return decode_embedding_sample(members, mods, out)
 
     if "text" in mods:
         out["text_ids"] = None

@@ -8,7 +8,7 @@ Every encoder is a thin `Encoder` wrapper built from an `EncoderConfig` by `buil
     audio     scratch  log-mel + conv + transformer, width 32 / 128 / 256
     video     hf       tiny VideoMAE                        MCG-NJU/videomae-small-...    MCG-NJU/videomae-base
     video     scratch  per-frame CNN + temporal transformer, width 32 / 128 / 256
-    any       cached   precomputed embeddings (issue 9: registered in ENCODERS by the embed module)
+    any       cached   precomputed features from `mmer-dist embed` (models/cached.py, registered below)
 
 `pretrained` overrides the size's default: "minilm" (the packaged all-MiniLM-L6-v2), a hub id, or
 a local folder written by `save_pretrained`. A video `pretrained` that is not VideoMAE (ViT, DINOv2,
@@ -141,7 +141,8 @@ def build_tokenizer(cfg: EncoderConfig) -> Any:
     """The tokenizer matching the text encoder `cfg` (offline MiniLM vocabulary unless `pretrained` names another)."""
     from transformers import AutoTokenizer
 
-    source = resolve_source("text", cfg) or str(minilm_path())
+    # kind=cached tokenizes nothing (the shards hold features): the packaged vocabulary satisfies the loader.
+    source = ("" if cfg.kind == "cached" else resolve_source("text", cfg)) or str(minilm_path())
     return load_pretrained(AutoTokenizer, source, "model.text.pretrained", _origin("text", cfg))
 
 
@@ -689,3 +690,11 @@ def example_batch(batch_size: int = 4, modalities: tuple[str, ...] = MODALITIES,
         video = torch.randn(b, frames, 3, image_size, image_size, generator=g)
         batch["video"], batch["video_mask"] = video * mask[:, :, None, None, None], mask
     return batch
+
+
+# --------------------------------------------------------------------------- cached (issue 9)
+# Precomputed features from `mmer-dist embed`; the class lives in models/cached.py (it imports this module).
+from functools import partial  # noqa: E402
+from mmer_dist.models.cached import build_cached  # noqa: E402
+
+ENCODERS.update({(m, "cached"): partial(build_cached, m) for m in MODALITIES})

@@ -1,0 +1,458 @@
+"""`mmer-dist embed`: run frozen encoders once over media shards, write embedding shards.
+
+    mmer-dist embed --config meld_text_minilm_cached --shards /tmp/meld_text --out /tmp/meld_minilm
+    torchrun --nproc_per_node 2 -m mmer_dist.embed --config debug --shards IN --out OUT model.text.pooling=mean
+    mmer-dist train --config meld_text_minilm_cached --shards /tmp/meld_minilm --out runs/minilm
+
+What runs: for every modality in `data.modalities`, the encoder `model.<m>` names. A kind=hf or
+scratch encoder runs as configured (frozen); a kind=cached encoder runs the encoder it expects
+(`mmer_dist.models.cached.source_config`: `pretrained`/`size`/`pooling`), so one preset serves both
+`embed` and `train`. Encoders are built exactly as `mmer-dist train` builds them (`torch.manual_seed
+(train.seed)`, then `build_model`), so random-init (debug) encoders get the very weights a frozen
+training run of the same config has. Samples are decoded with the evaluation decoder (centre crop, no
+augmentation): a cache cannot hold per-epoch augmentations.
+
+What is written (OUT): per input shard `{corpus}-{split}-{i}.tar` an output shard of the same name, the
+same keys in the same order, with per sample
+
+    KEY.json            the input's KEY.json, byte for byte (label, speaker, ...)
+    KEY.emb.{m}.npy     float16, [D] for model.<m>.pooling=mean|cls, [T, D] (real tokens only) for tokens
+
+(a modality the sample lacks has no member; a sample that fails to decode or has none of the
+modalities is dropped and recorded in the stats and skipped.json, by reason). Then, like the packer:
+`{shard}.stats.json` written last per shard (offsets, labels: the loader and sampler read it),
+`index.json` merged at the end with `extra["embeddings"][m]` = the encoder record (kind, pretrained
+name, resolved source, size, pooling, layer, dim, dtype, sha256 of the weights, config hash, stored
+vector/tokens), `embed.json` (the arguments; another configuration in the same OUT is refused) and
+`skipped.json` (the input's plus this run's).
+
+Distribution: rank r of R writes the not-yet-complete output shards i with i % R == r (the list is made
+once, on rank 0, and broadcast), so each sample is embedded exactly once; a shard's bytes depend only on
+its input shard, the encoders and `data.eval_batch_size`, never on R. A killed run resumes by running the
+same command again: complete shards (stats file present) are kept, partial ones redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmer_dist import dist
+from mmer_dist.config import Config, ConfigError, load_config, replace, to_dict
+from mmer_dist.shards.schema import (INDEX_FILE, META_EXT, SKIPPED_FILE, SampleEntry, ShardIndex, ShardStats,
+                                     SplitIndex, load_index, stats_name, write_json_atomic)
+
+EMBED_FILE = "embed.json"
+EMBED_PROFILE = "embeddings"
+STORE_DTYPE = np.float16
+
+
+class EmbedError(RuntimeError):
+    """An embed run that cannot proceed; the message says what to do."""
+
+
+@dataclass
+class EmbedResult:
+    """What `embed` did on this rank (index is set on rank 0 once every shard is complete)."""
+
+    out: Path
+    planned_shards: int
+    written: list[str]                       # shards written by this rank now
+    resumed: int                             # shards found complete (all ranks)
+    samples: int                             # samples embedded by this rank now
+    dropped: dict[str, int]                  # this rank's dropped samples, by reason
+    seconds: float
+    records: dict[str, dict[str, Any]]
+    index: ShardIndex | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- encoders
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """sha256 over the state dict (names, dtypes, shapes, bytes): identifies the exact weights."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def build_encoders(cfg: Config, modalities: tuple[str, ...], num_classes: int) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """The frozen encoders embed runs (built as `mmer-dist train` builds them) and their index records."""
+    from mmer_dist.models import build_model
+    from mmer_dist.models.cached import source_config, source_name
+
+    sources = {m: source_config(m, getattr(cfg.model, m)) for m in modalities}
+    model_cfg = replace(cfg.model, modalities=modalities, num_classes=num_classes, sample_rate=cfg.data.sample_rate,
+                        **sources)
+    torch.manual_seed(cfg.train.seed)            # same weights as the frozen encoders of a training run
+    model = build_model(model_cfg)
+    model.eval()
+    records: dict[str, dict[str, Any]] = {}
+    for m in modalities:
+        enc, scfg = model.encoders[m], sources[m]
+        desc = enc.describe()
+        backbone = getattr(enc, "backbone", None)
+        layers = getattr(getattr(backbone, "config", None), "num_hidden_layers", None)
+        if layers is None and hasattr(enc, "transformer"):
+            layers = len(enc.transformer.layers)
+        random_init = scfg.kind == "scratch" or not scfg.pretrained and scfg.size == "debug"
+        records[m] = {
+            "kind": scfg.kind, "pretrained": source_name(m, scfg), "source": desc.get("source", ""),
+            "size": scfg.size, "pooling": scfg.pooling, "layer": "last", "num_layers": layers,
+            "dim": int(enc.out_dim), "dtype": np.dtype(STORE_DTYPE).name,
+            "stored": "tokens" if scfg.pooling == "tokens" else "vector",
+            "weights_sha256": weights_sha256(enc), "config_hash": desc.get("config_hash", ""),
+            "revision": desc.get("revision", ""), "model_type": desc.get("model_type", ""),
+            "init_seed": cfg.train.seed if random_init else None,
+        }
+        if m == "text":
+            records[m]["max_text_tokens"] = cfg.data.max_text_tokens
+        elif m == "audio":
+            records[m].update(sample_rate=cfg.data.sample_rate, max_audio_seconds=cfg.data.max_audio_seconds)
+        else:
+            records[m].update(video_frames=cfg.data.video_frames, video_size=cfg.data.video_size)
+    return model, records
+
+
+# --------------------------------------------------------------------------- reading the input
+
+
+class _Items(torch.utils.data.Dataset):
+    """(index, decoded sample or Skipped, KEY.json bytes, duration) for the DataLoader workers."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[int, Any, bytes | None, float]:
+        from mmer_dist.data.decode import Skipped
+
+        sample = self.dataset[i]
+        _, entry = self.dataset.locate(i)
+        meta: bytes | None = None
+        if not isinstance(sample, Skipped):
+            meta = self.dataset.members(i).get(META_EXT)
+        return i, sample, meta, float(entry.duration)
+
+
+def _collate_items(items: list[tuple[int, Any, bytes | None, float]]) -> list[tuple[int, Any, bytes | None, float]]:
+    return items
+
+
+def embed_member(tokens: torch.Tensor) -> bytes:
+    """[T, D] or [D] features -> `.npy` bytes (float16, little-endian, C order)."""
+    arr = np.ascontiguousarray(tokens.detach().to("cpu", torch.float32).numpy().astype("<f2"))
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- writing one shard
+
+
+def _write_shard(out: Path, name: str, split: str, labels: list[str], rows: list[dict[str, Any]],
+                 skipped: list[dict[str, Any]], modalities: tuple[str, ...]) -> None:
+    """Tar to a temp file, fsync, rename, offsets, stats last (the packer's protocol and helpers)."""
+    from mmer_dist.shards.pack import TarSampleWriter, _fsync_dir, member_offsets, remove_leftovers
+
+    remove_leftovers(out, name)
+    tmp = out / f".{name}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        writer = TarSampleWriter(f)
+        for r in rows:
+            writer.write(r["key"], r["members"])
+        writer.close()
+        f.flush()
+        os.fsync(f.fileno())
+    if rows:
+        os.replace(tmp, out / name)
+        _fsync_dir(out)
+        offsets, size = member_offsets(out / name), (out / name).stat().st_size
+    else:                                # every sample dropped: the stats alone mark the shard done
+        tmp.unlink()
+        offsets, size = {}, 0
+    counts = Counter(labels[r["label_id"]] for r in rows)
+    mods = Counter(m for r in rows for m in modalities if f"emb.{m}.npy" in r["members"])
+    stats = ShardStats(
+        shard=name, split=split,
+        samples=[SampleEntry(r["key"], r["label_id"], offsets[r["key"]], r["duration"]) for r in rows],
+        bytes=size, class_counts={k: counts[k] for k in labels if counts[k]},
+        modalities={m: mods[m] for m in modalities if mods[m]},
+        duration=round(sum(r["duration"] for r in rows), 6), skipped=skipped)
+    write_json_atomic(out / stats_name(name), stats.to_json())
+    _fsync_dir(out)
+
+
+def _embed_split(model: Any, cfg: Config, shards_in: Path, out: Path, split: str, jobs: list[tuple[str, int]],
+                 tokenizer: Any, labels: list[str], modalities: tuple[str, ...], device: torch.device,
+                 bar: Any) -> tuple[list[str], int, Counter]:
+    """Embed this rank's shards `jobs` [(name, shard position in the split)] of one split."""
+    from torch.utils.data import DataLoader
+
+    from mmer_dist.data.collate import Collator
+    from mmer_dist.data.decode import Skipped
+    from mmer_dist.data.pipeline import ShardDataset, build_decoder
+
+    data_cfg = replace(cfg.data, modalities=modalities)
+    dataset = ShardDataset(shards_in, split, data_cfg, build_decoder(data_cfg, tokenizer, train=False))
+    collate = Collator(data_cfg, pad_id=int(getattr(tokenizer, "pad_token_id", 0) or 0))
+    b = cfg.data.eval_batch_size
+    batches, owner = [], []                         # batches never cross a shard: bytes independent of ranks
+    for k, (name, pos) in enumerate(jobs):
+        start, end = int(dataset.starts[pos]), int(dataset.starts[pos + 1])
+        if dataset.shards[pos].name != name:
+            raise EmbedError(f"{shards_in}/index.json lists {dataset.shards[pos].name} at position {pos} of split "
+                             f"{split}, expected {name}; the input changed during the run: start again")
+        for s in range(start, end, b):
+            batches.append(list(range(s, min(s + b, end))))
+            owner.append(k)
+        if start == end:
+            batches.append([])
+            owner.append(k)
+    loader = DataLoader(_Items(dataset), batch_sampler=batches, collate_fn=_collate_items,
+                        num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(0))
+    written: list[str] = []
+    n_samples, dropped = 0, Counter()
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    for bi, items in enumerate(loader):
+        k = owner[bi]
+        good = [(i, s, meta, dur) for i, s, meta, dur in items if not isinstance(s, Skipped)]
+        for i, s, _, _ in items:
+            if isinstance(s, Skipped):
+                skipped.append({"key": s.key, "reason": s.reason, "path": str(dataset.shards[jobs[k][1]]),
+                                "modalities": list(modalities), "dropped": True, "detail": s.detail[:200]})
+        if good:
+            batch = collate([s for _, s, _, _ in good])
+            batch = {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in batch.items()}
+            with torch.no_grad():
+                feats = {m: model.encoders[m](batch, batch_size=len(good)) for m in modalities}
+            for j, (i, s, meta, dur) in enumerate(good):
+                members: dict[str, bytes] = {}
+                for m in modalities:
+                    tokens, mask = feats[m]
+                    if bool(mask[j].any()):
+                        real = tokens[j][mask[j]]
+                        members[f"emb.{m}.npy"] = embed_member(real[0] if getattr(cfg.model, m).pooling != "tokens"
+                                                               and real.shape[0] == 1 else real)
+                if not members:
+                    skipped.append({"key": s["key"], "reason": "no_modality", "path": str(dataset.shards[jobs[k][1]]),
+                                    "modalities": list(modalities), "dropped": True,
+                                    "detail": f"none of {list(modalities)} present ({', '.join(s.get('degraded', [])) or 'absent'})"})
+                    continue
+                members[META_EXT] = meta or b"{}"
+                rows.append({"key": s["key"], "label_id": int(s["label"]), "members": members,
+                             "duration": round(dur, 6)})
+        if bar is not None:
+            bar.update(len(items))
+        last_of_shard = bi + 1 == len(batches) or owner[bi + 1] != k
+        if last_of_shard:
+            name = jobs[k][0]
+            _write_shard(out, name, split, labels, rows, skipped, modalities)
+            written.append(name)
+            n_samples += len(rows)
+            dropped.update(s["reason"] for s in skipped)
+            rows, skipped = [], []
+    return written, n_samples, dropped
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _run_record(cfg: Config, shards_in: Path, index_in: ShardIndex, modalities: tuple[str, ...],
+                records: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Everything that decides the output bytes (compared on resume)."""
+    d = to_dict(cfg.data)
+    return {"input": str(shards_in.resolve()), "input_extra": index_in.extra, "modalities": list(modalities),
+            "encoders": records, "batch_size": cfg.data.eval_batch_size,
+            "decode": {k: d[k] for k in ("sample_rate", "max_audio_seconds", "video_frames", "video_size",
+                                          "max_text_tokens")}}
+
+
+def _check_out(out: Path, record: dict[str, Any]) -> None:
+    """Create OUT, or accept it when it holds (part of) this very run; refuse anything else."""
+    path = out / EMBED_FILE
+    if out.exists() and not out.is_dir():
+        raise EmbedError(f"--out {out} exists and is not a folder; choose another path")
+    if path.exists():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
+        if diff:
+            lines = "\n".join(f"  {k}: existing {json.dumps(old.get(k))[:300]}, now {json.dumps(record.get(k))[:300]}"
+                              for k in diff)
+            raise EmbedError(f"{out} holds embeddings made with other settings:\n{lines}\n"
+                             f"Use another --out, the same config (to resume), or delete {out}.")
+    elif out.exists() and any(out.iterdir()):
+        raise EmbedError(f"--out {out} is not empty and holds no {EMBED_FILE}; choose an empty or new folder")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, record)
+
+
+def _merge(out: Path, shards_in: Path, index_in: ShardIndex, plan: list[tuple[str, str, int]],
+           records: dict[str, dict[str, Any]], record_hash: str) -> ShardIndex:
+    """index.json (same splits and shard order as the input) and skipped.json, from the stats files."""
+    labels = list(index_in.labels)
+    splits: dict[str, SplitIndex] = {s: SplitIndex(class_counts={k: 0 for k in labels}) for s in index_in.splits}
+    dropped: Counter = Counter()
+    files: dict[str, list[str]] = {}
+    for split, name, _ in plan:
+        stats = ShardStats.from_json(json.loads((out / stats_name(name)).read_text(encoding="utf-8")))
+        for s in stats.skipped:
+            dropped[s["reason"]] += 1
+            files.setdefault(s["reason"], []).append(f"{s['key']} ({s['path']}): {s['detail']}")
+        if not stats.samples:
+            continue
+        si = splits[split]
+        si.shards.append(name)
+        si.sizes.append(len(stats.samples))
+        si.keys.extend(e.key for e in stats.samples)
+        si.labels.extend(e.label_id for e in stats.samples)
+        for k, n in stats.class_counts.items():
+            si.class_counts[k] += n
+        for k, n in stats.modalities.items():
+            si.modalities[k] = si.modalities.get(k, 0) + n
+        si.duration = round(si.duration + stats.duration, 6)
+        si.bytes += stats.bytes
+    from mmer_dist.models.cached import EMBEDDINGS_KEY
+
+    index = ShardIndex(corpus=index_in.corpus, profile=EMBED_PROFILE, labels=labels, splits=splits,
+                       extra={EMBEDDINGS_KEY: records, "embed_hash": record_hash, "input": str(shards_in.resolve()),
+                              "input_profile": index_in.profile, "input_extra": index_in.extra})
+    write_json_atomic(out / INDEX_FILE, index.to_json())
+    before = json.loads((shards_in / SKIPPED_FILE).read_text(encoding="utf-8")) if (shards_in / SKIPPED_FILE).exists() else {}
+    total = Counter(before.get("dropped", {})) + dropped
+    write_json_atomic(out / SKIPPED_FILE, {
+        "dropped": dict(sorted(total.items())), "degraded": before.get("degraded", {}),
+        "total_dropped": sum(total.values()), "total_degraded": before.get("total_degraded", 0),
+        "embed": {"dropped": dict(sorted(dropped.items())), "files": files}, "input": before})
+    return index
+
+
+def embed(cfg: Config, shards_in: str | Path, out: str | Path, *, progress: bool = True) -> EmbedResult:
+    """Embed the media shards `shards_in` into `out` on this process's share (see the module docstring)."""
+    from tqdm.auto import tqdm
+
+    from mmer_dist.models.cached import EMBEDDINGS_KEY
+    from mmer_dist.models.encoders import build_tokenizer
+    from mmer_dist.shards.pack import is_complete
+
+    t0 = time.perf_counter()
+    shards_in, out = Path(shards_in), Path(out)
+    info = dist.init_process_group()
+    index_in = load_index(shards_in)
+    if EMBEDDINGS_KEY in index_in.extra:
+        raise EmbedError(f"{shards_in} already holds embeddings (made by `mmer-dist embed`); embed the media "
+                         f"shards it was made from ({index_in.extra.get('input', '?')})")
+    held = {m for si in index_in.splits.values() for m, n in si.modalities.items() if n}
+    modalities = tuple(cfg.data.modalities)
+    missing = [m for m in modalities if m not in held]
+    if missing:
+        raise EmbedError(f"data.modalities={list(modalities)} but {shards_in} holds no {', '.join(missing)} "
+                         f"(it holds {', '.join(sorted(held)) or 'nothing'}); set data.modalities="
+                         f"[{','.join(m for m in modalities if m in held)}]")
+    model, records = build_encoders(cfg, modalities, len(index_in.labels))
+    device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    model.to(device)
+    tokenizer = build_tokenizer(model.encoders["text"].cfg) if "text" in modalities else None
+    record = _run_record(cfg, shards_in, index_in, modalities, records)
+    record_hash = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+    t_setup = time.perf_counter() - t0
+
+    plan = [(split, name, pos) for split, si in index_in.splits.items() for pos, name in enumerate(si.shards)]
+    if dist.is_main():
+        _check_out(out, record)
+        for leftover in out.glob(".*.tmp*"):      # a killed run's partial files (no rank is writing yet)
+            leftover.unlink(missing_ok=True)
+        todo = [p for p in plan if not is_complete(out, p[1])]
+    else:
+        todo = None
+    todo = dist.broadcast_object(todo)             # one list for every rank, made before anyone writes
+    if not dist.is_main():
+        _check_out(out, record)                     # now exists: verifies the same settings on every rank
+    mine = todo[info.rank::info.world_size]
+    sizes = {(split, name): si.sizes[pos] for split, name, pos in plan for si in [index_in.splits[split]]}
+    bar = tqdm(total=sum(sizes[(s, n)] for s, n, _ in mine), desc=f"embed {','.join(modalities)}", unit="sample",
+               disable=not (progress and dist.is_main()), dynamic_ncols=sys.stderr.isatty(),
+               mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    written, n_samples, dropped = [], 0, Counter()
+    labels = list(index_in.labels)
+    t1 = time.perf_counter()
+    for split in index_in.splits:
+        jobs = [(name, pos) for s, name, pos in mine if s == split]
+        if jobs:
+            w, n, d = _embed_split(model, cfg, shards_in, out, split, jobs, tokenizer, labels, modalities, device, bar)
+            written += w
+            n_samples += n
+            dropped.update(d)
+    bar.close()
+    t_embed = time.perf_counter() - t1
+    dist.barrier()
+    index = None
+    if dist.is_main() and all(is_complete(out, name) for _, name, _ in plan):
+        index = _merge(out, shards_in, index_in, plan, records, record_hash)
+    dist.barrier()
+    return EmbedResult(out=out, planned_shards=len(plan), written=written, resumed=len(plan) - len(todo),
+                       samples=n_samples, dropped=dict(dropped), seconds=time.perf_counter() - t0, records=records,
+                       index=index, timings={"setup": round(t_setup, 3), "embed": round(t_embed, 3)})
+
+
+def summary(res: EmbedResult) -> str:
+    """What was written and how to train on it."""
+    from mmer_dist.models.cached import cached_overrides, describe_record
+
+    lines = [f"{res.out}: {res.planned_shards} shards planned, {len(res.written)} written now by this rank "
+             f"({res.samples} samples), {res.resumed} already complete, {res.seconds:.1f} s "
+             f"(setup {res.timings.get('setup', 0):.1f} s, embedding {res.timings.get('embed', 0):.1f} s)"]
+    for m, r in res.records.items():
+        lines.append(f"  {m}: {describe_record(r)}, stored as {r['stored']}")
+    if res.dropped:
+        lines.append("  dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(res.dropped.items())))
+    if res.index is not None:
+        for split, si in res.index.splits.items():
+            lines.append(f"  {split}: {si.num_samples} samples in {len(si.shards)} shards, {si.bytes / 1e6:.1f} MB")
+        lines.append("train on them with a config whose encoders are cached, e.g. overrides: "
+                     + " ".join(cached_overrides(m, r) for m, r in res.records.items()))
+    return "\n".join(lines)
+
+
+def embed_main(args: argparse.Namespace) -> int:
+    """`mmer-dist embed`: config + overrides -> `embed`, summary on the main rank."""
+    try:
+        cfg = load_config(args.config, list(args.overrides or []))
+        res = embed(cfg, args.shards, args.out)
+    except (ConfigError, EmbedError, FileNotFoundError, KeyError, ValueError) as e:
+        print(f"mmer-dist embed: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    if dist.is_main():
+        print(summary(res), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m mmer_dist.embed` (for torchrun / accelerate launch -m): same flags as `mmer-dist embed`."""
+    from mmer_dist.cli import build_parser
+
+    return embed_main(build_parser().parse_args(["embed", *(sys.argv[1:] if argv is None else argv)]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
