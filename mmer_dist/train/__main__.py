@@ -10,10 +10,13 @@ Everything that can be checked is checked here, before any process group starts.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
 
 from mmer_dist.config import Config, ConfigError, dump_config, load_config
+from mmer_dist.dist import world_info
 from mmer_dist.train.checkpoint import complete_checkpoints
 
 
@@ -53,10 +56,39 @@ def preflight(cfg: Config, run_dir: Path) -> None:
     index = load_index(cfg.data.shards)
     for split in (cfg.data.train_split, cfg.data.eval_split):
         split_index(index, split, cfg.data.shards)
+    from mmer_dist.models.cached import check_embeddings
+
+    # model.<m>.kind=cached needs embeddings of the encoder it names; hf/scratch encoders need media
+    check_embeddings(index.extra, cfg.model, cfg.data.modalities, cfg.data.shards)
     present = index.splits[cfg.data.train_split].modalities
     if not any(present.get(m, 0) for m in cfg.data.modalities):
         raise ConfigError(f"data.modalities={list(cfg.data.modalities)} but the shards in {cfg.data.shards} hold "
                           f"{ {k: v for k, v in present.items() if v} }; choose modalities the shards have")
+    world = world_info().world_size
+    train = index.splits[cfg.data.train_split]
+    if cfg.data.loader == "stream":
+        from mmer_dist.data.pipeline import StreamPlan
+
+        try:
+            StreamPlan(train.sizes, cfg.data.batch_size, world, cfg.data.num_workers, cfg.data.stream_resample,
+                       cfg.data.steps_per_epoch, where=f"{cfg.data.shards} split {cfg.data.train_split}")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    else:
+        batches = (cfg.data.steps_per_epoch or math.ceil(train.num_samples / world) // cfg.data.batch_size)
+        if batches < cfg.train.grad_accum:
+            raise ConfigError(
+                f"split {cfg.data.train_split!r} has {train.num_samples} samples: with {world} process(es) x "
+                f"data.batch_size={cfg.data.batch_size} that is {batches} batch(es) per rank per epoch, fewer than "
+                f"train.grad_accum={cfg.train.grad_accum}; lower data.batch_size or train.grad_accum")
+    uses_ds = bool(cfg.train.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    unfreezing = [m for m in cfg.data.modalities if getattr(cfg.model, m).unfreeze_after_steps > 0]
+    if uses_ds and unfreezing:
+        raise ConfigError(f"model.{unfreezing[0]}.unfreeze_after_steps needs new parameters in the optimizer mid-run, "
+                          f"which DeepSpeed cannot do; with DeepSpeed keep encoders frozen (unfreeze_after_steps=0) "
+                          f"or trainable from the start (freeze=false)")
+    if cfg.train.deepspeed and not Path(cfg.train.deepspeed).is_file():
+        raise ConfigError(f"train.deepspeed={cfg.train.deepspeed}: no such file (see launch/ds_zero2.json)")
     if not cfg.train.resume and complete_checkpoints(run_dir):
         raise ConfigError(f"{run_dir} already holds checkpoints of a run; pass resume=latest to continue it, "
                           f"or choose a new --out")

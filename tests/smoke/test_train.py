@@ -77,6 +77,13 @@ def test_bad_configs_fail_before_any_process_group(synth_meld_shards, tmp_path, 
     assert "mmer-dist pack" in capsys.readouterr().err
     assert train_main([*base, "--shards", str(synth_meld_shards), "data.eval_split=nope"]) == 2
     assert "present:" in capsys.readouterr().err
+    assert train_main([*base, "--shards", str(synth_meld_shards), "data.batch_size=64", "train.grad_accum=2"]) == 2
+    assert "lower data.batch_size or train.grad_accum" in capsys.readouterr().err
+    assert train_main([*base, "--shards", str(synth_meld_shards), "data.loader=stream",
+                       "data.stream_resample=false", "data.num_workers=8"]) == 2
+    assert "data.stream_resample=true" in capsys.readouterr().err
+    assert train_main([*base, "--shards", str(synth_meld_shards), "train.deepspeed=nope.json"]) == 2
+    assert "no such file" in capsys.readouterr().err
 
 
 @pytest.mark.slow
