@@ -221,8 +221,13 @@ def _embed_split(model: Any, cfg: Config, shards_in: Path, out: Path, split: str
         if dataset.shards[pos].name != name:
             raise EmbedError(f"{shards_in}/index.json lists {dataset.shards[pos].name} at position {pos} of split "
                              f"{split}, expected {name}; the input changed during the run: start again")
-        for s in range(start, end, b):
-            batches.append(list(range(s, min(s + b, end))))
+        # Batch samples of similar length (transcript bytes, then audio seconds, from the stats: no decoding)
+        # to cut padding (~3x faster on MELD text); a function of the shard alone, so still rank-independent.
+        entries = dataset.entries[pos]
+        order = sorted(range(start, end), key=lambda i: (entries[i - start].members.get("txt", [0, 0])[1],
+                                                         entries[i - start].duration, i))
+        for s in range(0, len(order), b):
+            batches.append(order[s: s + b])
             owner.append(k)
         if start == end:
             batches.append([])
@@ -259,13 +264,14 @@ def _embed_split(model: Any, cfg: Config, shards_in: Path, out: Path, split: str
                                     "detail": f"none of {list(modalities)} present ({', '.join(s.get('degraded', [])) or 'absent'})"})
                     continue
                 members[META_EXT] = meta or b"{}"
-                rows.append({"key": s["key"], "label_id": int(s["label"]), "members": members,
+                rows.append({"index": i, "key": s["key"], "label_id": int(s["label"]), "members": members,
                              "duration": round(dur, 6)})
         if bar is not None:
             bar.update(len(items))
         last_of_shard = bi + 1 == len(batches) or owner[bi + 1] != k
         if last_of_shard:
             name = jobs[k][0]
+            rows.sort(key=lambda r: r["index"])           # back to the input shard's order
             _write_shard(out, name, split, labels, rows, skipped, modalities)
             written.append(name)
             n_samples += len(rows)
