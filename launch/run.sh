@@ -10,11 +10,10 @@ name="${1:?usage: launch/run.sh NAME [train args...]; NAME is one of: $(cd "$her
 shift
 config="$here/$name.yaml"
 [ -f "$config" ] || { echo "launch/run.sh: no launcher config $config" >&2; exit 2; }
-if ! python -c 'import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-  # No GPU: 2 CPU processes over gloo (see cpu_2proc.yaml for why not --cpu).
-  export ACCELERATE_USE_CPU=true
-  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-fi
+# No GPU: mmer_dist builds its Accelerator for the CPU with a gloo group by itself (see cpu_2proc.yaml for
+# why not --cpu). ACCELERATE_USE_CPU is deliberately not exported: it would silently turn DeepSpeed off.
+# One BLAS thread per process unless the caller says otherwise.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 extra=()
 case "$name" in
   ds_zero*) extra=(--deepspeed_config_file "$here/${name}.json") ;;   # absolute, whatever the cwd

@@ -81,6 +81,10 @@ def preflight(cfg: Config, run_dir: Path) -> None:
                 f"split {cfg.data.train_split!r} has {train.num_samples} samples: with {world} process(es) x "
                 f"data.batch_size={cfg.data.batch_size} that is {batches} batch(es) per rank per epoch, fewer than "
                 f"train.grad_accum={cfg.train.grad_accum}; lower data.batch_size or train.grad_accum")
+        total = cfg.train.max_steps or cfg.train.epochs * (batches // cfg.train.grad_accum)
+        if cfg.optim.warmup_steps >= total:
+            raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} >= the run's {total} optimizer steps; "
+                              f"lower optim.warmup_steps (or train longer)")
     uses_ds = bool(cfg.train.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
     unfreezing = [m for m in cfg.data.modalities if getattr(cfg.model, m).unfreeze_after_steps > 0]
     if uses_ds and unfreezing:

@@ -16,6 +16,7 @@ checkpoint and exit cleanly; `resume=latest` continues exactly where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -90,6 +91,9 @@ def build_accelerator(cfg: Config) -> Any:
         plugin = DeepSpeedPlugin(hf_ds_config=ds_config) if ds_config else None
         if plugin is not None:
             kwargs["deepspeed_plugin"] = plugin
+        # cpu=True would silently turn DeepSpeed off (plain MULTI_CPU DDP); DeepSpeed picks its CPU
+        # accelerator by itself and runs over the gloo group named above.
+        kwargs["cpu"] = False
     accelerator = Accelerator(**kwargs)
     if accelerator.state.deepspeed_plugin is not None:
         # The training config is the single source of truth: fill DeepSpeed's "auto" values from it.
@@ -100,6 +104,21 @@ def build_accelerator(cfg: Config) -> Any:
         if ds.get("gradient_clipping", "auto") == "auto":
             ds["gradient_clipping"] = cfg.optim.grad_clip
     return accelerator
+
+
+def fill_deepspeed_sizes(accelerator: Any, model: torch.nn.Module) -> None:
+    """ZeRO-3 bucket sizes left "auto": Accelerate derives them from `model.config.hidden_size`, which a
+    multimodal model does not have; use the widest linear layer instead (same formulas as Accelerate)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    hidden = max((m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)), default=256)
+    zero = plugin.deepspeed_config.get("zero_optimization", {})
+    for key, value in (("reduce_bucket_size", hidden * hidden),
+                       ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
+                       ("stage3_param_persistence_threshold", 10 * hidden)):
+        if zero.get(key) == "auto":
+            zero[key] = value
 
 
 def environment_info(accelerator: Any) -> dict[str, Any]:
@@ -259,6 +278,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     if apply_freeze_schedule(model, model_cfg, state.step):
         # resumed past an unfreeze step: rebuild the groups in the order they were saved in
         add_unfrozen_params(optimizer, model, cfg.optim, scheduler)
+    fill_deepspeed_sizes(accelerator, model)
     # Only these three go through prepare; the loaders stay per rank (see module docstring).
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
@@ -366,36 +386,53 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
 
 def _final_metrics(run_dir: Path, cfg: Config, accelerator: Any, model: Any, eval_loader: Any,
                    labels: list[str], loss_fn: Any, eval_keys: list[str], state: TrainerState) -> dict[str, Any]:
+    """Evaluate the best checkpoint (a plain copy on every rank, whatever the engine: DDP, ZeRO-2/3),
+    write metrics.json and train_state.json, export it."""
     from safetensors.torch import load_file
 
-    best = run_dir / "best" / "model.safetensors"
-    if not best.exists():   # no evaluation happened (should not be reachable): export the current model
+    from mmer_dist.shards.schema import write_json_atomic
+    from mmer_dist.train.checkpoint import load_exported
+
+    best_dir = run_dir / "best"
+    if not (best_dir / "model.safetensors").exists():   # no evaluation ran (e.g. resumed at the last step)
         sd = _unwrapped_state_dict(accelerator, model)
         if accelerator.is_main_process:
-            export_model(sd, cfg.model, cfg.data, labels, run_dir / "best", {"step": state.step})
+            export_model(sd, cfg.model, cfg.data, labels, best_dir, {"step": state.step})
         accelerator.wait_for_everyone()
     # Replicas must agree after training; record each rank's checksum (tests assert they are equal).
     checksums = dist.all_gather_object(param_checksum(accelerator.unwrap_model(model)))
-    unwrapped = accelerator.unwrap_model(model)
-    if accelerator.state.deepspeed_plugin is None or accelerator.state.deepspeed_plugin.zero_stage < 3:
-        unwrapped.load_state_dict(load_file(str(best)))
-    metrics = run_eval_loader(model, eval_loader, labels, accelerator.device, loss_fn, eval_keys).metrics
+    with _whole_hf_models():
+        best_model = load_exported(best_dir)[0].to(accelerator.device)
+    metrics = run_eval_loader(best_model, eval_loader, labels, accelerator.device, loss_fn, eval_keys).metrics
     metrics.update({"split": cfg.data.eval_split, "best_step": state.best_step, "steps": state.step,
                     "samples_seen": state.samples_seen, "shards": str(cfg.data.shards)})
     if accelerator.is_main_process:
-        from mmer_dist.shards.schema import write_json_atomic
-
         write_json_atomic(run_dir / "metrics.json", metrics)
         write_json_atomic(run_dir / "train_state.json", {**state.to_json(), "param_checksums": checksums,
                                                         "world_size": accelerator.num_processes})
-        if len(set(checksums)) > 1:
+        if len(set(checksums)) > 1 and (accelerator.state.deepspeed_plugin is None
+                                        or accelerator.state.deepspeed_plugin.zero_stage < 3):
             print(f"WARNING: model replicas differ across ranks after training: {checksums}", file=sys.stderr)
-        export_model(load_file(str(best)), cfg.model, cfg.data, labels, run_dir / "export",
+        export_model(load_file(str(best_dir / "model.safetensors")), cfg.model, cfg.data, labels, run_dir / "export",
                      {"step": state.best_step, "macro_f1": metrics["macro_f1"], "split": cfg.data.eval_split})
         print(f"done: {cfg.data.eval_split} macro-F1 {metrics['macro_f1']:.4f} (best step {state.best_step}); "
               f"model exported to {run_dir / 'export'}; metrics in {run_dir / 'metrics.json'}", flush=True)
     accelerator.wait_for_everyone()
     return metrics
+
+
+@contextlib.contextmanager
+def _whole_hf_models() -> Any:
+    """Build transformers models unpartitioned even while a ZeRO-3 engine is registered (transformers
+    would otherwise create every parameter under deepspeed.zero.Init, as an empty shard)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def _requeue_if_slurm(main: bool) -> None:

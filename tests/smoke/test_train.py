@@ -111,6 +111,7 @@ def test_deepspeed_zero2_two_processes(synth_meld_shards, tmp_path):
             "train.eval_every=6", "train.checkpoint_every=6", f"train.deepspeed={REPO / 'launch' / 'ds_zero2.json'}",
             *_overrides("optim.lr=3e-3")]
     subprocess.run(_torchrun(2, args), check=True, env=_env(), cwd=REPO, timeout=600)
+    assert "DEEPSPEED" in json.loads((run / "env.json").read_text())["distributed_type"]
     losses = [r["loss"] for r in _log(run)]
     assert losses[-1] < losses[0], losses
     state = json.loads((run / "train_state.json").read_text())
