@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-DEMO_N = 700
+DEMO_N = 2000
 RUNS = {"baseline": ["sampler.weighting=none"], "weighted": ["sampler.weighting=sqrt_inverse"]}
 
 
