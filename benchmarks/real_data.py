@@ -84,10 +84,10 @@ def steps(out: Path, data: Path, nproc: int) -> list[Step]:
     # The originals: one actor, so it is its own test split; the train profile transcodes 48 kHz (one
     # stereo) wavs to mono 16 kHz FLAC and the 720p mp4s to the training video profile.
     s.append(Step("pack-originals", mmer("pack", "ravdess", "--root", str(data / "ravdess-original"), "--out", orig,
-                                         "--test-actors", "5", "--dev-actors", ""),
+                                         "--test-actors", "5"),
                   "shards/ravdess-original-a05/index.json"))
     synth, synth_shards, synth_run = f"{o}/synth-ravdess", f"{o}/shards/synth-ravdess", f"{o}/runs/synth-ravdess-av"
-    s.append(Step("synth-ravdess", mmer("synth", "ravdess", "--out", synth), "synth-ravdess"))
+    s.append(Step("synth-ravdess", mmer("synth", "ravdess", "--out", synth, "--n", "240"), "synth-ravdess"))
     s.append(Step("synth-pack", mmer("pack", "ravdess", "--root", synth, "--out", synth_shards),
                   "shards/synth-ravdess/index.json"))
     s.append(Step("synth-train", torchrun(nproc, 29661, "--config", "demo", "--shards", synth_shards, "--out", synth_run,
