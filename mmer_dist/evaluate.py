@@ -38,6 +38,9 @@ def evaluate_model(model_path: str | Path, shards: str | Path, split: str, out: 
     export_dir = find_export(model_path)
     model, model_cfg, data_cfg, labels = load_exported(export_dir)
     index = load_index(shards)
+    from mmer_dist.models.cached import check_embeddings
+
+    check_embeddings(index.extra, model_cfg, data_cfg.modalities, shards)   # cached model <-> embeddings of its encoder
     keys = split_index(index, split, shards).keys
     if list(index.labels) != labels:
         raise ValueError(f"the model predicts {labels} but {shards} is labelled {list(index.labels)}; "
@@ -65,7 +68,7 @@ def evaluate_model(model_path: str | Path, shards: str | Path, split: str, out: 
 def eval_main(args: argparse.Namespace) -> int:
     try:
         evaluate_model(args.model, args.shards, args.split, args.out, args.batch_size)
-    except (FileNotFoundError, KeyError, ValueError) as e:
+    except (FileNotFoundError, KeyError, ValueError) as e:   # ConfigError is a ValueError
         print(f"mmer-dist eval: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     return 0
