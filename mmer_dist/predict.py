@@ -44,8 +44,14 @@ def predict(model_path: str | Path, video: str | None = None, audio: str | None 
 
 
 def predict_main(args: argparse.Namespace) -> int:
+    from mmer_dist.data.decode import DecodeError
+
     try:
         result = predict(args.model, video=args.video, audio=args.audio, text=args.text)
+    except DecodeError as e:
+        print(f"mmer-dist predict: cannot decode {e.detail or e.key} ({e.reason}); give a readable mp4/wav/flac file",
+              file=sys.stderr)
+        return 2
     except (FileNotFoundError, ValueError) as e:
         print(f"mmer-dist predict: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
