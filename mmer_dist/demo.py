@@ -53,7 +53,9 @@ def run_demo(out: Path, n: int = DEMO_N, nproc: int = 2, extra: list[str] | None
         print(f"already there: {raw}")
 
     _step(2, total, f"pack into WebDataset shards -> {shards}")
-    pack("meld", raw, shards, profile="train", workers=2, shard_samples=100, video_size=64, video_fps=10.0)
+    packed = pack("meld", raw, shards, profile="train", workers=2, shard_samples=100, video_size=64, video_fps=10.0)
+    print(f"{packed.samples_written} samples written in {packed.seconds:.0f} s; "
+          f"{sum(packed.dropped.values()) if packed.dropped else 0} inputs skipped; inspect with `mmer-dist inspect {shards}`")
 
     results: dict[str, dict] = {}
     _step(3, total, f"train baseline and weighted sampler, {nproc} CPU processes each -> {runs}")
