@@ -238,8 +238,6 @@ def test_unloadable_pretrained_gives_one_clear_message(monkeypatch):
 
 
 def test_config_errors_name_the_fix():
-    with pytest.raises(ConfigError, match="mmer-dist embed"):
-        build_encoder("text", EncoderConfig(kind="cached"))
     with pytest.raises(ConfigError, match="kind=hf"):
         build_encoder("audio", EncoderConfig(kind="scratch", pretrained="facebook/wav2vec2-base"))
     with pytest.raises(ConfigError, match="freeze=true"):
