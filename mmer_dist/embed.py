@@ -328,16 +328,7 @@ def _merge(out: Path, shards_in: Path, index_in: ShardIndex, plan: list[tuple[st
         if not stats.samples:
             continue
         si = splits[split]
-        si.shards.append(name)
-        si.sizes.append(len(stats.samples))
-        si.keys.extend(e.key for e in stats.samples)
-        si.labels.extend(e.label_id for e in stats.samples)
-        for k, n in stats.class_counts.items():
-            si.class_counts[k] += n
-        for k, n in stats.modalities.items():
-            si.modalities[k] = si.modalities.get(k, 0) + n
-        si.duration = round(si.duration + stats.duration, 6)
-        si.bytes += stats.bytes
+        si.add_shard(name, stats)
     from mmer_dist.models.cached import EMBEDDINGS_KEY
 
     index = ShardIndex(corpus=index_in.corpus, profile=EMBED_PROFILE, labels=labels, splits=splits,

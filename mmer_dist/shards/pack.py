@@ -545,16 +545,7 @@ def merge(out: str | Path, jobs: list[ShardJob], cfg: PackConfig, report: ReadRe
         si = splits.setdefault(job.split, SplitIndex(class_counts={k: 0 for k in labels}))
         if not stats.samples:
             continue
-        si.shards.append(job.name)
-        si.sizes.append(len(stats.samples))
-        si.keys.extend(e.key for e in stats.samples)
-        si.labels.extend(e.label_id for e in stats.samples)
-        for k, n in stats.class_counts.items():
-            si.class_counts[k] += n
-        for k, n in stats.modalities.items():
-            si.modalities[k] = si.modalities.get(k, 0) + n
-        si.duration = round(si.duration + stats.duration, 6)
-        si.bytes += stats.bytes
+        si.add_shard(job.name, stats)
     index = ShardIndex(corpus=cfg.corpus, profile=cfg.profile, labels=labels, splits=splits,
                        extra={"pack_hash": cfg.digest(), "sample_rate": cfg.sample_rate,
                               "video_size": cfg.video_size, "video_fps": cfg.video_fps})

@@ -103,6 +103,19 @@ class SplitIndex:
     def num_samples(self) -> int:
         return len(self.keys)
 
+    def add_shard(self, name: str, stats: "ShardStats") -> None:
+        """Append a complete shard's stats (merging the per-shard files into the index)."""
+        self.shards.append(name)
+        self.sizes.append(len(stats.samples))
+        self.keys.extend(e.key for e in stats.samples)
+        self.labels.extend(e.label_id for e in stats.samples)
+        for k, n in stats.class_counts.items():
+            self.class_counts[k] = self.class_counts.get(k, 0) + n
+        for k, n in stats.modalities.items():
+            self.modalities[k] = self.modalities.get(k, 0) + n
+        self.duration = round(self.duration + stats.duration, 6)
+        self.bytes += stats.bytes
+
 
 @dataclass
 class ShardIndex:
