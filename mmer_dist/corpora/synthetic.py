@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from mmer_dist.corpora.labels import MELD_LABELS, RAVDESS_LABELS
 
@@ -582,6 +583,7 @@ def write_meld(
     weights = MELD_SPEAKER_WEIGHTS / MELD_SPEAKER_WEIGHTS.sum()
     index = 0
     n_clips = 0
+    bar = tqdm(total=sum(len(v) for v in per_split.values()), desc="synth meld", unit="utt", mininterval=1.0)
     for split in ("train", "dev", "test"):
         labels = per_split[split]
         order = plan.permutation(len(labels))
@@ -615,12 +617,14 @@ def write_meld(
                     frames = render_frames(take, max(1, int(round(duration * fps))), frame_size, fps, rng) if video else None
                     write_mp4(clip_dir / f"dia{dialogue}_utt{utt}.mp4", frames, fps, audio, sample_rate)
                     n_clips += 1
+                bar.update(1)
             pos += size
             dialogue += 1
         with open(out / MELD_CSV[split], "w", encoding="utf-8", newline="") as fh:
             writer = csv.writer(fh, lineterminator="\r\n")
             writer.writerow(MELD_HEADER)
             writer.writerows(rows)
+    bar.close()
     elapsed = time.perf_counter() - t0
     split_sizes = ", ".join(f"{s} {len(per_split[s])}" for s in per_split)
     classes = ", ".join(f"{c} {counts[c]}" for c in MELD_LABELS)
@@ -679,6 +683,7 @@ def write_ravdess(
     index = 0
     n_wav = n_mp4 = 0
     counts: dict[str, int] = {c: 0 for c in RAVDESS_LABELS}
+    bar = tqdm(total=n_actors * per_actor, desc="synth ravdess", unit="utt", mininterval=1.0)
     for actor in range(1, n_actors + 1):
         folder = out / f"Actor_{actor:02d}"
         folder.mkdir()
@@ -704,6 +709,8 @@ def write_ravdess(
                 write_mp4(folder / ravdess_name(1, emotion, intensity, statement, repetition, actor, "mp4"),
                           frames, fps, audio, sample_rate)
                 n_mp4 += 1
+            bar.update(1)
+    bar.close()
     elapsed = time.perf_counter() - t0
     classes = ", ".join(f"{c} {k}" for c, k in counts.items())
     return (f"wrote synthetic RAVDESS corpus to {out}: {n_actors} actors x {per_actor} utterances = {index}; "
