@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from mmer_dist.config import Config, ConfigError, dump_config, load_config
+from mmer_dist.config import CONFIG_DIR, Config, ConfigError, dump_config, load_config
 from mmer_dist.dist import world_info
 from mmer_dist.train.checkpoint import complete_checkpoints
 
@@ -29,7 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
                "  mmer-dist train --config debug --shards shards/out/synth --out runs/debug\n"
                "  mmer-dist train --config debug sampler.weighting=inverse optim.lr=3e-4\n"
                "  mmer-dist train --config debug --out runs/debug resume=latest\n"
-               "  mmer-dist train --config meld_text_minilm --dump-config",
+               "  mmer-dist train --config meld_text_minilm --dump-config\n\n"
+               f"presets: {', '.join(sorted(q.stem for q in CONFIG_DIR.glob('*.yaml')))}\n"
+               "config sections: name, data, sampler, model, loss, optim, train (every field is documented in "
+               "mmer_dist/config.py; --dump-config shows the resolved values)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", default=None, help="preset name (mmer_dist/configs/NAME.yaml) or a YAML path")
