@@ -1,4 +1,4 @@
-"""Per-rank data loaders over the shards: map-style (random access via byte offsets) and streaming.
+"""Per-rank data loaders over the shards: map-style (random access via byte offsets); the stream dispatch.
 
     train = build_train_loader(cfg.data.shards, cfg.data, cfg.sampler, tokenizer, rank=r, world_size=R)
     dev = build_eval_loader(cfg.data.shards, cfg.data, tokenizer, split="dev", rank=r, world_size=R)
@@ -11,7 +11,7 @@
 
 NEVER pass these loaders (or their DataLoader) through `accelerator.prepare`. They are already
 split by rank: the sampler gives rank r its strided share of the global draw (map), or rank r
-reads its own shards / its own resampled shard stream (stream). `prepare` would wrap the loader
+reads its own shards / its own resampled shard stream (stream, mmer_dist.data.stream). `prepare` would wrap the loader
 in a second, rank-sharding sampler (`BatchSamplerShard` / `IterableDatasetShard`), so each rank
 would silently see only 1/world of its own share (and, for an iterable, different batch counts
 per rank). Prepare only the model, the optimizer and the scheduler; move batches to the device
@@ -37,11 +37,9 @@ Map-style (`data.loader=map`, the default):
   With length bucketing the epoch's batches are a deterministic function of the sampler's plan,
   so resuming at batch n is exact there too.
 
-Streaming (`data.loader=stream`): an explicit WebDataset pipeline (see `stream_pipeline`),
-resampled shards (default) or each shard once, with an epoch of exactly the same number of
-batches on every rank and every worker, computed from the index; configurations that cannot
-hold that are refused with the numbers and the fix. Resume inside a streaming epoch replays the
-(deterministic) stream and discards the consumed batches.
+Streaming (`data.loader=stream`): `build_train_loader` returns a `StreamLoader` from
+mmer_dist.data.stream (an explicit WebDataset pipeline, for corpora too large to index per
+sample); it shares this module's `LoaderBase` (counters, checkpoint header) and DataLoader settings.
 
 Evaluation: `build_eval_loader` gives each rank an equal-length strided share of the split,
 padded by repeats flagged in `batch["pad"]`; drop the flagged rows before any reduction.
@@ -50,13 +48,11 @@ padded by repeats flagged in `batch["pad"]`; drop the flagged rows before any re
 from __future__ import annotations
 
 import json
-import math
 import os
-import random
 import zlib
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
@@ -65,12 +61,14 @@ from torch.utils.data import DataLoader, Dataset
 from mmer_dist.config import DataConfig, SamplerConfig
 from mmer_dist.data.collate import Collator, bucket_batches
 from mmer_dist.data.decode import Decoder, DecodeError, Skipped
-from mmer_dist.data.sampler import (ClassBalancedStream, DistributedWeightedSampler, class_target_distribution,
-                                    class_weights, eval_indices, sample_weights)
-from mmer_dist.shards.schema import META_EXT, SampleEntry, ShardStats, load_index, split_index, stats_name
+from mmer_dist.data.sampler import DistributedWeightedSampler, class_weights, eval_indices, sample_weights
+from mmer_dist.shards.schema import SampleEntry, ShardStats, load_index, split_index, stats_name
+
+if TYPE_CHECKING:       # stream.py builds on this module; build_train_loader imports it when asked for it
+    from mmer_dist.data.stream import StreamLoader
 
 BUCKET_WINDOW_BATCHES = 32     # length bucketing sorts windows of this many batches of consecutive draws
-_STATE_FORMAT = "mmer_dist.pipeline.TrainLoader/1"
+LOADER_STATE_FORMAT = "mmer_dist.pipeline.TrainLoader/1"     # both train loaders' state_dict (kind: map | stream)
 
 # --------------------------------------------------------------------------- map-style dataset
 
@@ -216,17 +214,24 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def _dataloader(dataset: Dataset, batch_sampler: Any, collate: Collator, num_workers: int, persistent: bool) -> DataLoader:
+def loader_settings(num_workers: int) -> dict[str, Any]:
+    """DataLoader keywords every loader here and in stream.py uses (pinning, worker init, generator)."""
     # A private generator: creating an iterator must not draw from the global torch RNG, or a resumed
     # run (whose iterator starts mid-epoch) would see different dropout masks than an uninterrupted one.
+    return {"pin_memory": torch.cuda.is_available(), "worker_init_fn": _worker_init if num_workers > 0 else None,
+            "generator": torch.Generator().manual_seed(0)}
+
+
+def _dataloader(dataset: Dataset, batch_sampler: Any, collate: Collator, num_workers: int, persistent: bool) -> DataLoader:
     return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=num_workers,
-                      persistent_workers=persistent and num_workers > 0, pin_memory=torch.cuda.is_available(),
-                      worker_init_fn=_worker_init if num_workers > 0 else None,
-                      generator=torch.Generator().manual_seed(0))
+                      persistent_workers=persistent and num_workers > 0, **loader_settings(num_workers))
 
 
-class _Counting:
-    """Skip/degrade counters shared by the loaders; `counts()` is what the loop logs."""
+class LoaderBase:
+    """What the per-rank loaders share: skip/degrade counters (`counts()` is what the loop logs) and,
+    for the train loaders, the checkpoint header (`LOADER_STATE_FORMAT` + `kind`)."""
+
+    kind = ""
 
     def __init__(self) -> None:
         self.skipped: Counter = Counter()
@@ -241,8 +246,17 @@ class _Counting:
         """Samples skipped (decode failures, by reason) and degraded (a modality absent) so far on this rank."""
         return {"skipped": dict(self.skipped), "degraded": dict(self.degraded)}
 
+    def _load_counts(self, state: dict[str, Any]) -> None:
+        self.skipped, self.degraded = Counter(state.get("skipped", {})), Counter(state.get("degraded", {}))
 
-class TrainLoader(_Counting):
+    def _check_kind(self, state: dict[str, Any]) -> None:
+        """Refuse a state saved by another kind of loader (or not a loader state at all)."""
+        if state.get("format") != LOADER_STATE_FORMAT or state.get("kind") != self.kind:
+            raise ValueError(f"not a {self.kind} train-loader state (format {state.get('format')!r}, "
+                             f"kind {state.get('kind')!r}); the run was made with another data.loader")
+
+
+class TrainLoader(LoaderBase):
     """The map-style per-rank train loader: fixed batches per epoch, resumable mid-epoch.
 
     Do not pass it (or `.loader`) to `accelerator.prepare`: it is already split by rank.
@@ -293,21 +307,19 @@ class TrainLoader(_Counting):
         return self.iter_from(None)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"format": _STATE_FORMAT, "kind": self.kind, "batch_size": self.batch_size, "num_batches": len(self),
-                "bucketing": bool(self.batch_sampler.window_batches), "epoch": self.epoch,
+        return {"format": LOADER_STATE_FORMAT, "kind": self.kind, "batch_size": self.batch_size,
+                "num_batches": len(self), "bucketing": bool(self.batch_sampler.window_batches), "epoch": self.epoch,
                 "batches_done": self.batches_done, "sampler": self.sampler.state_dict(), **self.counts()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the saved epoch after its consumed batches; refuses a state of another configuration."""
-        if state.get("format") != _STATE_FORMAT or state.get("kind") != self.kind:
-            raise ValueError(f"not a {self.kind} train-loader state (format {state.get('format')!r}, "
-                             f"kind {state.get('kind')!r}); the run was made with another data.loader")
+        self._check_kind(state)
         for key, mine in (("batch_size", self.batch_size), ("bucketing", bool(self.batch_sampler.window_batches))):
             if state[key] != mine:
                 raise ValueError(f"cannot resume mid-epoch: saved {key}={state[key]} but this run has {mine}; "
                                  f"resume with the original data.batch_size / data.bucket_by_length")
         self.sampler.load_state_dict(state["sampler"])     # checks world size, seed, weights
-        self.skipped, self.degraded = Counter(state.get("skipped", {})), Counter(state.get("degraded", {}))
+        self._load_counts(state)
 
 
 def build_decoder(cfg_data: DataConfig, tokenizer: Any, train: bool, seed: int = 0) -> Decoder:
@@ -318,13 +330,18 @@ def _pad_id(tokenizer: Any) -> int:
     return int(getattr(tokenizer, "pad_token_id", 0) or 0)
 
 
+def train_class_weights(class_counts: list[int], label_names: list[str], cfg_sampler: SamplerConfig) -> np.ndarray:
+    """Per-class weights of the configured weighting (the map sampler's and the stream balancer's)."""
+    return class_weights(class_counts, cfg_sampler.weighting, beta=cfg_sampler.beta,
+                         manual=cfg_sampler.class_weights or None, label_names=label_names)
+
+
 def train_sample_weights(labels: np.ndarray, class_counts: list[int], label_names: list[str],
                          cfg_sampler: SamplerConfig) -> tuple[np.ndarray, bool]:
     """Per-sample weights and replacement for the configured weighting (none: uniform, no replacement)."""
     if cfg_sampler.weighting == "none":
         return np.ones(labels.size, dtype=np.float64), False
-    cw = class_weights(class_counts, cfg_sampler.weighting, beta=cfg_sampler.beta,
-                       manual=cfg_sampler.class_weights or None, label_names=label_names)
+    cw = train_class_weights(class_counts, label_names, cfg_sampler)
     return sample_weights(labels, cw), cfg_sampler.replacement
 
 
@@ -343,6 +360,8 @@ def build_train_loader(shards_dir: str | Path, cfg_data: DataConfig, cfg_sampler
     decoder = build_decoder(cfg_data, tokenizer, train=True, seed=seed)
     collate = Collator(cfg_data, pad_id=_pad_id(tokenizer))
     if cfg_data.loader == "stream":
+        from mmer_dist.data.stream import StreamLoader      # stream.py imports this module: import on use
+
         loader = StreamLoader(shards_dir, split, cfg_data, cfg_sampler, decoder, collate, rank, world_size, seed)
         loader.set_epoch(epoch)
         return loader
@@ -366,7 +385,7 @@ def build_train_loader(shards_dir: str | Path, cfg_data: DataConfig, cfg_sampler
 # --------------------------------------------------------------------------- eval loader
 
 
-class EvalLoader(_Counting):
+class EvalLoader(LoaderBase):
     """Each sample of the split exactly once over all ranks, the same number of batches on every rank.
 
     `batch["pad"]` flags the repeats that even out the ranks; drop them before metrics.
@@ -407,246 +426,7 @@ def build_eval_loader(shards_dir: str | Path, cfg_data: DataConfig, tokenizer: A
     return EvalLoader(dataset, batches, Collator(cfg_data, pad_id=_pad_id(tokenizer)), cfg_data.num_workers)
 
 
-# --------------------------------------------------------------------------- streaming
-
-
-def _worker() -> tuple[int, int]:
-    """(worker id, number of workers) of this DataLoader worker (WORKER/NUM_WORKERS env override it)."""
-    import webdataset as wds
-
-    _, _, worker, num_workers = wds.utils.pytorch_worker_info()
-    return worker, num_workers
-
-
-def _mix(*parts: int) -> int:
-    return zlib.crc32(":".join(str(int(p)) for p in parts).encode())
-
-
-class _WorkerSeed:
-    """worker_seed for wds.ResampledShards: distinct per (rank, worker); picklable."""
-
-    def __init__(self, rank: int) -> None:
-        self.rank = rank
-
-    def __call__(self) -> int:
-        return self.rank * 100_003 + _worker()[0]
-
-
-def _split_by_rank(src: Iterator[dict], rank: int, world_size: int) -> Iterator[dict]:
-    """Explicit node split: shard i goes to rank i % world_size (rank passed, not read from env)."""
-    for i, shard in enumerate(src):
-        if i % world_size == rank:
-            yield shard
-
-
-class TarErrors:
-    """wds handler for tar-level failures (a damaged shard): count and continue; a missing shard is fatal.
-
-    Failures are parked in `pending` and re-emitted as `Skipped` markers further down the stream
-    (`_emit_pending`), so the counts reach the main process inside the batches.
-    """
-
-    def __init__(self) -> None:
-        self.pending: list[Skipped] = []
-
-    def __call__(self, exn: Exception) -> bool:
-        if isinstance(exn, FileNotFoundError):
-            raise FileNotFoundError(f"shard missing: {exn}; the index lists it: re-run `mmer-dist pack`") from exn
-        self.pending.append(Skipped("?", "tar_error", f"{type(exn).__name__}: {exn}"))
-        return True
-
-
-def _label_or_park(src: Iterator[dict], errors: TarErrors) -> Iterator[dict]:
-    """Attach `label_id` from KEY.json (for the class balancer); park unreadable samples as skips."""
-    for sample in src:
-        try:
-            sample["label_id"] = int(json.loads(sample[META_EXT])["label_id"])
-        except Exception as e:
-            errors.pending.append(Skipped(str(sample.get("__key__", "?")), "meta_corrupt", str(e)))
-            continue
-        yield sample
-
-
-def _emit_pending(src: Iterator[dict], errors: TarErrors) -> Iterator[Any]:
-    for sample in src:
-        while errors.pending:
-            yield errors.pending.pop(0)
-        yield sample
-
-
-class _WorkerShuffle:
-    """wds shuffle with an rng seeded by (seed, epoch, rank, worker): reproducible and distinct per worker."""
-
-    def __init__(self, bufsize: int, seed: int, epoch: int, rank: int) -> None:
-        self.bufsize, self.seed, self.epoch, self.rank = bufsize, seed, epoch, rank
-
-    def __call__(self, src: Iterator[Any]) -> Iterator[Any]:
-        from webdataset.filters import _shuffle
-
-        rng = random.Random(_mix(self.seed, self.epoch, self.rank, _worker()[0]))
-        return _shuffle(src, self.bufsize, min(self.bufsize, 100), rng=rng)
-
-
-class _StreamDecode:
-    """Decode a wds sample (DecodeError -> Skipped marker); the crop is seeded by (seed, epoch, key)."""
-
-    def __init__(self, decoder: Decoder, epoch: int) -> None:
-        self.decoder, self.epoch = decoder, epoch
-
-    def __call__(self, sample: Any) -> Any:
-        if isinstance(sample, Skipped):
-            return sample
-        key = str(sample.get("__key__", "?"))
-        try:
-            out = self.decoder(sample, index=zlib.crc32(key.encode()), key=key, epoch=self.epoch)
-        except DecodeError as e:
-            return Skipped.from_error(e)
-        out["pad"] = False
-        return out
-
-
-class StreamPlan:
-    """The streaming epoch, computed from the index: batches per worker and per rank, or a refusal."""
-
-    def __init__(self, sizes: list[int], batch_size: int, world_size: int, num_workers: int, resample: bool,
-                 steps_per_epoch: int = 0, where: str = "") -> None:
-        self.workers = max(1, num_workers)
-        shards, n = len(sizes), int(sum(sizes))
-        b, r, w = batch_size, world_size, self.workers
-        if n == 0:
-            raise ValueError(f"{where}: the split has no samples")
-        steps = steps_per_epoch or n // (b * r)
-        if steps == 0:
-            raise ValueError(f"{where}: {n} samples < one global batch (data.batch_size={b} x {r} ranks = {b * r}); "
-                             f"lower data.batch_size, use fewer processes or set data.steps_per_epoch")
-        if resample:
-            self.per_worker = math.ceil(steps / w)
-        else:
-            if shards < r * w:
-                raise ValueError(
-                    f"{where}: streaming without resampling needs at least world size x workers shards so every "
-                    f"worker gets one, but there are {shards} shards for {r} ranks x {w} workers = {r * w}. "
-                    f"Fix: set data.stream_resample=true (equal epochs by resampling), or data.num_workers <= "
-                    f"{max(1, shards // r) if shards >= r else 0}{' and fewer ranks' if shards < r else ''}, "
-                    f"or repack with smaller shards (at least {r * w}), or use data.loader=map")
-            # worker w of rank r reads shards (r + R*k) for k = w, w + W, ...: its share of the samples
-            shares = [sum(sizes[i] for i in list(range(rk, shards, r))[wk::w]) for rk in range(r) for wk in range(w)]
-            limit = min(shares) // b
-            if limit == 0:
-                raise ValueError(f"{where}: without resampling the smallest worker share holds {min(shares)} samples, "
-                                 f"less than data.batch_size={b}; set data.stream_resample=true or use fewer workers")
-            wanted = math.ceil(steps_per_epoch / w) if steps_per_epoch else limit
-            if wanted > limit:
-                raise ValueError(f"{where}: data.steps_per_epoch={steps_per_epoch} needs {wanted} batches per worker but "
-                                 f"the smallest worker share holds {limit} without repeating; set data.stream_resample=true "
-                                 f"or data.steps_per_epoch <= {limit * w}")
-            self.per_worker = wanted
-        self.per_rank = self.per_worker * w
-
-
-def stream_pipeline(urls: list[str], cfg_data: DataConfig, decoder: Decoder, collate: Collator, rank: int,
-                    world_size: int, epoch: int, seed: int, per_worker: int,
-                    balance: ClassBalancedStream | None = None) -> Any:
-    """The explicit WebDataset pipeline of one rank; each worker yields exactly `per_worker` batches."""
-    import webdataset as wds
-
-    errors = TarErrors()
-    if cfg_data.stream_resample:
-        # an endless shard stream per (rank, worker), seeded by (seed, epoch) and (rank, worker):
-        # the seed is the node/worker split, no shard list to divide
-        source = [wds.ResampledShards(urls, seed=_mix(seed, epoch), worker_seed=_WorkerSeed(rank), deterministic=True)]
-    else:
-        source = [
-            wds.SimpleShardList(urls),                                           # every shard, index order
-            wds.filters.pipelinefilter(_split_by_rank)(rank, world_size),        # node split: shard i -> rank i % R
-            wds.split_by_worker,                                                 # worker split within the rank
-        ]
-    if balance is not None:
-        balance.set_epoch(epoch)
-    pipeline = wds.DataPipeline(
-        *source,
-        wds.tarfile_to_samples(handler=errors),                  # tar -> {__key__, json, txt, flac, mp4}; count damage
-        _WorkerShuffle(cfg_data.shuffle_buffer, seed, epoch, rank),  # sample shuffle buffer, per-worker seed
-        wds.filters.pipelinefilter(_label_or_park)(errors),      # label from KEY.json (unreadable -> skip)
-        balance,                                                 # optional class-balanced resampling (None = off)
-        wds.filters.pipelinefilter(_emit_pending)(errors),       # damaged members/shards -> Skipped markers
-        wds.map(_StreamDecode(decoder, epoch)),                  # decode after the shuffle, in the worker
-        wds.batched(cfg_data.batch_size, collation_fn=collate, partial=False),  # pad + masks; full batches only
-    )
-    # exactly per_worker batches from every worker (repeating the pass if the source ends early)
-    return pipeline.with_epoch(nbatches=per_worker)
-
-
-class StreamLoader(_Counting):
-    """The streaming per-rank train loader: `len` batches per epoch on every rank. Not for `prepare`."""
-
-    kind = "stream"
-
-    def __init__(self, shards_dir: str | Path, split: str, cfg_data: DataConfig, cfg_sampler: SamplerConfig,
-                 decoder: Decoder, collate: Collator, rank: int, world_size: int, seed: int) -> None:
-        super().__init__()
-        root = Path(shards_dir)
-        index = load_index(root)
-        sidx = split_index(index, split, root)
-        self.urls = [str(root / s) for s in sidx.shards]
-        self.cfg, self.decoder, self.collate = cfg_data, decoder, collate
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.plan = StreamPlan(sidx.sizes, cfg_data.batch_size, world_size, cfg_data.num_workers,
-                               cfg_data.stream_resample, cfg_data.steps_per_epoch,
-                               where=f"{root} split {split} (data.loader=stream)")
-        self.balance_target: np.ndarray | None = None
-        if cfg_sampler.weighting != "none":
-            counts = [sidx.class_counts.get(n, 0) for n in index.labels]
-            cw = class_weights(counts, cfg_sampler.weighting, beta=cfg_sampler.beta,
-                               manual=cfg_sampler.class_weights or None, label_names=list(index.labels))
-            self.balance_target = class_target_distribution(counts, cw)
-        self.epoch, self._start = 0, 0
-
-    def __len__(self) -> int:
-        return self.plan.per_rank
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self._start = 0
-        self.epoch = int(epoch)
-
-    def pipeline(self) -> Any:
-        balance = None
-        if self.balance_target is not None:
-            balance = ClassBalancedStream(self.balance_target, seed=_mix(self.seed, self.rank))
-        return stream_pipeline(self.urls, self.cfg, self.decoder, self.collate, self.rank, self.world_size,
-                               self.epoch, self.seed, self.plan.per_worker, balance)
-
-    def iter_from(self, batches_done: int | None = None) -> Iterator[dict[str, Any]]:
-        """The rest of the epoch; resuming at batch n replays the deterministic stream and drops n batches."""
-        start = self._start if batches_done is None else int(batches_done)
-        loader = DataLoader(self.pipeline(), batch_size=None, num_workers=self.cfg.num_workers,
-                            pin_memory=torch.cuda.is_available(),
-                            worker_init_fn=_worker_init if self.cfg.num_workers > 0 else None,
-                            generator=torch.Generator().manual_seed(0))   # see _dataloader: keep the global RNG untouched
-        for k, batch in enumerate(loader):
-            if k < start:
-                continue
-            self._start = k + 1
-            yield self._count(batch)
-        self._start = 0 if self._start >= len(self) else self._start
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return self.iter_from(None)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"format": _STATE_FORMAT, "kind": self.kind, "epoch": self.epoch, "batches_done": self._start,
-                "world_size": self.world_size, "seed": self.seed, **self.counts()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format") != _STATE_FORMAT or state.get("kind") != self.kind:
-            raise ValueError(f"not a {self.kind} train-loader state (kind {state.get('kind')!r}); "
-                             f"the run was made with another data.loader")
-        if state["world_size"] != self.world_size or state["seed"] != self.seed:
-            raise ValueError(f"cannot resume the stream: saved world_size={state['world_size']} seed={state['seed']}, "
-                             f"this run {self.world_size}/{self.seed}; resume with the original launch")
-        self.epoch, self._start = int(state["epoch"]), int(state["batches_done"])
-        self.skipped, self.degraded = Counter(state.get("skipped", {})), Counter(state.get("degraded", {}))
+# --------------------------------------------------------------------------- checkpoints
 
 
 def loader_state(loader: "TrainLoader | StreamLoader") -> dict[str, Any]:

@@ -70,7 +70,7 @@ def preflight(cfg: Config, run_dir: Path) -> None:
     world = world_info().world_size
     train = index.splits[cfg.data.train_split]
     if cfg.data.loader == "stream":
-        from mmer_dist.data.pipeline import StreamPlan
+        from mmer_dist.data.stream import StreamPlan
 
         try:
             StreamPlan(train.sizes, cfg.data.batch_size, world, cfg.data.num_workers, cfg.data.stream_resample,

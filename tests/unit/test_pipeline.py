@@ -19,8 +19,8 @@ import soundfile as sf
 import torch
 
 from mmer_dist.config import DataConfig, SamplerConfig, replace
-from mmer_dist.data.pipeline import (ShardDataset, StreamPlan, build_decoder, build_eval_loader,
-                                     build_train_loader)
+from mmer_dist.data.pipeline import ShardDataset, build_decoder, build_eval_loader, build_train_loader
+from mmer_dist.data.stream import StreamPlan
 from mmer_dist.shards.pack import TarSampleWriter, member_offsets
 from mmer_dist.shards.schema import (INDEX_FILE, SampleEntry, ShardIndex, ShardStats, SplitIndex, shard_name,
                                      stats_name, write_json_atomic)

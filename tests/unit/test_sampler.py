@@ -1,5 +1,6 @@
-"""Unit and property tests of mmer_dist.data.sampler (single process; the multi-process run is
-tests/smoke/test_sampler_dist.py).   .venv/bin/pytest tests/unit/test_sampler.py -q
+"""Unit and property tests of mmer_dist.data.sampler and of mmer_dist.data.stream's ClassBalancedStream
+(single process; the multi-process run is tests/smoke/test_sampler_dist.py).
+    .venv/bin/pytest tests/unit/test_sampler.py -q
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader, Dataset
 
 from mmer_dist.data.sampler import (
-    ClassBalancedStream,
     DistributedEvalSampler,
     DistributedWeightedSampler,
     class_counts,
@@ -25,6 +25,7 @@ from mmer_dist.data.sampler import (
     expected_class_distribution,
     sample_weights,
 )
+from mmer_dist.data.stream import ClassBalancedStream
 
 MELD_MIX = [0.47, 0.17, 0.12, 0.11, 0.07, 0.03, 0.03]     # MELD-like imbalance, 7 classes
 NAMES = ("neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear")
@@ -343,7 +344,7 @@ def test_load_state_refuses_a_different_draw():
         s.load_state_dict({"epoch": 0, "position": 3})
 
 
-# ---------------------------------------------------------------- streaming balance
+# ---------------------------------------------------------------- streaming balance (mmer_dist.data.stream)
 
 def _endless(mix: list[float], seed: int):
     rng = np.random.default_rng(seed)
