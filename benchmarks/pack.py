@@ -33,7 +33,8 @@ import av  # noqa: E402
 
 from mmer_dist.corpora import read_corpus  # noqa: E402
 from mmer_dist.corpora.synthetic import write_corpus  # noqa: E402
-from mmer_dist.shards.pack import pack, peak_rss_mb  # noqa: E402
+from mmer_dist.shards.pack import pack  # noqa: E402
+from mmer_dist.shards.writer import peak_rss_mb  # noqa: E402
 
 VIDEO_SIZE, VIDEO_FPS = 224, 8.0
 PROBE = {"probesize": "4096", "analyzeduration": "0"}   # the packer's probe settings, for a like-for-like loop

@@ -171,7 +171,7 @@ def embed_member(tokens: torch.Tensor) -> bytes:
 def _write_shard(out: Path, name: str, split: str, labels: list[str], rows: list[dict[str, Any]],
                  skipped: list[dict[str, Any]], modalities: tuple[str, ...]) -> None:
     """Tar to a temp file, fsync, rename, offsets, stats last (the packer's protocol and helpers)."""
-    from mmer_dist.shards.pack import TarSampleWriter, _fsync_dir, member_offsets, remove_leftovers
+    from mmer_dist.shards.writer import TarSampleWriter, fsync_dir, member_offsets, remove_leftovers
 
     remove_leftovers(out, name)
     tmp = out / f".{name}.tmp{os.getpid()}"
@@ -184,7 +184,7 @@ def _write_shard(out: Path, name: str, split: str, labels: list[str], rows: list
         os.fsync(f.fileno())
     if rows:
         os.replace(tmp, out / name)
-        _fsync_dir(out)
+        fsync_dir(out)
         offsets, size = member_offsets(out / name), (out / name).stat().st_size
     else:                                # every sample dropped: the stats alone mark the shard done
         tmp.unlink()
@@ -198,7 +198,7 @@ def _write_shard(out: Path, name: str, split: str, labels: list[str], rows: list
         modalities={m: mods[m] for m in modalities if mods[m]},
         duration=round(sum(r["duration"] for r in rows), 6), skipped=skipped)
     write_json_atomic(out / stats_name(name), stats.to_json())
-    _fsync_dir(out)
+    fsync_dir(out)
 
 
 def _embed_split(model: Any, cfg: Config, shards_in: Path, out: Path, split: str, jobs: list[tuple[str, int]],
@@ -350,7 +350,7 @@ def embed(cfg: Config, shards_in: str | Path, out: str | Path, *, progress: bool
 
     from mmer_dist.models.cached import EMBEDDINGS_KEY
     from mmer_dist.models.encoders import build_tokenizer
-    from mmer_dist.shards.pack import is_complete
+    from mmer_dist.shards.writer import is_complete
 
     t0 = time.perf_counter()
     shards_in, out = Path(shards_in), Path(out)

@@ -11,7 +11,7 @@ how often the job was interrupted):
 
 1. Read: `mmer_dist.corpora.read_corpus` turns the raw folder into `Utterance` records and a
    `ReadReport` (what the reader dropped or degraded).
-2. Plan: per split, utterances sorted by key are shuffled with `random.Random(f"{seed}:{split}")`
+2. Plan (mmer_dist/shards/plan.py): per split, utterances sorted by key are shuffled with `random.Random(f"{seed}:{split}")`
    and cut into shards of at most `shard_samples` samples and at most `shard_bytes` *planned*
    bytes. The planned size of a sample is the size of its source files on disk plus its
    transcript plus 3 KiB of tar headers and metadata: it is known before any transcoding, so the
@@ -19,7 +19,7 @@ how often the job was interrupted):
    resumed run computes the same plan. With the train profile the shards come out smaller than
    `shard_bytes` (transcoded media is smaller than the source); with the raw profile they match
    it closely. A shard is the unit of work.
-3. Write: each shard (one worker process writes whole shards) goes to `.NAME.tmpPID`, is
+3. Write (mmer_dist/shards/writer.py): each shard (one worker process writes whole shards) goes to `.NAME.tmpPID`, is
    fsynced and renamed into place; then the byte offset and size of every member is read back
    with `tarfile` and `NAME.stats.json` is written atomically, last. A shard is complete iff its
    stats file exists (and its tar, unless every sample of it was skipped: then no tar is written).
@@ -43,414 +43,32 @@ only the planned shards i with i % T == t; the task that finds every shard compl
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import json
 import multiprocessing as mp
 import os
-import random
-import re
-import resource
 import signal
 import sys
-import tarfile
 import threading
 import time
-import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mmer_dist.corpora import read_corpus
 from mmer_dist.corpora.labels import labels_for
-from mmer_dist.corpora.record import ReadReport, Utterance
+from mmer_dist.corpora.record import ReadReport
 from mmer_dist.shards import media
+from mmer_dist.shards.plan import PackConfig, PackError, ShardJob, parse_bytes, plan_shards, reader_options_for
 from mmer_dist.shards.schema import (
-    AUDIO_EXTS, INDEX_FILE, PACK_FILE, SCHEMA_VERSION, SKIPPED_FILE, SampleEntry, ShardIndex, ShardStats,
-    SplitIndex, shard_name, stats_name, write_json_atomic,
+    INDEX_FILE, PACK_FILE, SKIPPED_FILE, ShardIndex, ShardStats, SplitIndex, stats_name, write_json_atomic,
 )
-
-PROFILES = ("train", "raw")
-MISSING_MEDIA = ("keep", "skip")
-SPLIT_ORDER = ("train", "dev", "test")
-SAMPLE_OVERHEAD = 3072          # planned bytes per sample beyond its files: tar headers + KEY.json
-TAR_MTIME = 0                   # fixed member metadata: the bytes depend on the content only
-TAR_USER = "mmer"
-TAR_MODE = 0o444
+from mmer_dist.shards.writer import ShardOutcome, WriteSpec, is_complete, write_shard
 
 
-class PackError(RuntimeError):
-    """A pack that cannot proceed; the message says what to do."""
-
-
-# --------------------------------------------------------------------------- config
-
-
-def parse_bytes(value: str | int) -> int:
-    """'1GB' -> 10**9, '500MiB' -> 500 * 2**20, '4096' -> 4096."""
-    if isinstance(value, int):
-        return value
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*", value.upper())
-    if not m:
-        raise ValueError(f"--shard-bytes {value!r}: expected a size like 500MB, 1GB, 64MiB or 1000000")
-    num, unit, binary = float(m.group(1)), m.group(2), m.group(3)
-    base = 1024 if binary else 1000
-    return int(num * base ** " KMGT".index(unit or " "))
-
-
-@dataclass(frozen=True)
-class PackConfig:
-    """Everything that decides the output bytes; stored in pack.json and compared on resume."""
-
-    corpus: str
-    root: str
-    profile: str = "train"
-    shard_samples: int = 1000
-    shard_bytes: int = 10**9
-    seed: int = 0
-    splits: tuple[str, ...] = ()            # empty: every split the reader finds
-    video_size: int = 224
-    video_fps: float = 8.0
-    video_crf: int = 23
-    sample_rate: int = media.SAMPLE_RATE
-    missing_media: str = "keep"
-    reader_options: dict[str, Any] = field(default_factory=dict)
-    schema_version: int = SCHEMA_VERSION
-
-    def __post_init__(self) -> None:
-        if self.profile not in PROFILES:
-            raise ValueError(f"profile={self.profile!r}; choose one of {', '.join(PROFILES)}")
-        if self.missing_media not in MISSING_MEDIA:
-            raise ValueError(f"missing_media={self.missing_media!r}; choose one of {', '.join(MISSING_MEDIA)}")
-        if self.shard_samples < 1 or self.shard_bytes < 1:
-            raise ValueError("--shard-samples and --shard-bytes must be >= 1")
-        if self.video_size < 8 or self.video_fps <= 0:
-            raise ValueError("--video-size must be >= 8 and --video-fps > 0")
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["splits"] = list(self.splits)
-        return d
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _reader_options(corpus: str, splits: tuple[str, ...], missing_media: str,
-                    extra: dict[str, Any] | None) -> dict[str, Any]:
-    opts: dict[str, Any] = {}
-    if corpus == "meld":
-        opts["missing_media"] = missing_media
-        if splits:
-            opts["splits"] = list(splits)
-    elif corpus == "ravdess":
-        opts["strict"] = False        # malformed file names are counted, not fatal
-    for k, v in (extra or {}).items():
-        if v not in (None, "", [], ()):
-            opts[k] = list(v) if isinstance(v, tuple) else v
-    return opts
-
-
-# --------------------------------------------------------------------------- plan
-
-
-@dataclass
-class ShardJob:
-    """One unit of work: a shard name and the utterances planned into it, in order."""
-
-    index: int                     # position in the global plan (job arrays take index % T == t)
-    name: str
-    split: str
-    utterances: list[Utterance]
-
-
-def _planned_bytes(u: Utterance) -> int:
-    size = SAMPLE_OVERHEAD + len((u.text or "").encode("utf-8"))
-    for p in {u.audio_path, u.video_path} - {None}:
-        try:
-            size += os.stat(p).st_size
-        except OSError:
-            pass                   # counted when the worker meets it
-    return size
-
-
-def plan_shards(utterances: list[Utterance], corpus: str, seed: int, shard_samples: int,
-                shard_bytes: int) -> list[ShardJob]:
-    """Deterministic shuffle per split, cut by sample count and planned bytes (see module doc)."""
-    by_split: dict[str, list[Utterance]] = {}
-    for u in utterances:
-        by_split.setdefault(u.split, []).append(u)
-    order = [s for s in SPLIT_ORDER if s in by_split] + sorted(set(by_split) - set(SPLIT_ORDER))
-    jobs: list[ShardJob] = []
-    for split in order:
-        items = sorted(by_split[split], key=lambda u: u.key)
-        keys = [u.key for u in items]
-        if len(set(keys)) != len(keys):
-            dup = sorted(k for k, n in Counter(keys).items() if n > 1)[:5]
-            raise PackError(f"duplicate utterance keys in split {split}: {dup}; the reader must give unique keys")
-        random.Random(f"{seed}:{split}").shuffle(items)
-        current: list[Utterance] = []
-        size = 0
-        for u in items:
-            b = _planned_bytes(u)
-            if current and (len(current) >= shard_samples or size + b > shard_bytes):
-                jobs.append(ShardJob(len(jobs), shard_name(corpus, split, _count(jobs, split)), split, current))
-                current, size = [], 0
-            current.append(u)
-            size += b
-        if current:
-            jobs.append(ShardJob(len(jobs), shard_name(corpus, split, _count(jobs, split)), split, current))
-    return jobs
-
-
-def _count(jobs: list[ShardJob], split: str) -> int:
-    return sum(1 for j in jobs if j.split == split)
-
-
-# --------------------------------------------------------------------------- one shard (worker side)
-
-
-@dataclass
-class ShardOutcome:
-    """What a worker returns for one shard (never an exception)."""
-
-    name: str
-    samples: int = 0
-    skipped: list[dict[str, Any]] = field(default_factory=list)
-    error: str = ""                # a shard-level failure (disk full, bug): the shard stays incomplete
-    peak_rss_mb: float = 0.0
-
-
-@dataclass(frozen=True)
-class _WriteSpec:
-    out: str
-    root: str
-    corpus: str
-    labels: tuple[str, ...]
-    profile: str
-    video_size: int
-    video_fps: float
-    video_crf: int
-    sample_rate: int
-    missing_media: str
-
-
-def _rel(path: Path | None, root: str) -> str | None:
-    if path is None:
-        return None
-    try:
-        return str(Path(path).resolve().relative_to(Path(root).resolve()))
-    except ValueError:
-        return str(path)
-
-
-def _build_sample(u: Utterance, spec: _WriteSpec) -> tuple[dict[str, bytes] | None, list[dict[str, Any]], float]:
-    """(members by extension or None when dropped, failures, audio seconds) for one utterance."""
-    members: dict[str, bytes] = {}
-    failures: list[dict[str, Any]] = []
-    failed: dict[str, dict[str, Any]] = {}      # path -> failure: a file broken for audio is broken for video
-    durations: dict[str, float] = {}
-    extra: dict[str, Any] = {}
-
-    def attempt(kind: str, path: Path, fn: Callable[[], media.Encoded]) -> media.Encoded | None:
-        if str(path) in failed:
-            failed[str(path)]["modalities"].append(kind)
-            return None
-        try:
-            return fn()
-        except media.MediaError as e:
-            failure = {"key": u.key, "reason": e.reason, "path": str(path), "modalities": [kind],
-                       "detail": e.detail[:200]}
-            failures.append(failure)
-            if e.reason in media.FILE_REASONS:    # not e.g. no_audio_stream: the video track may be fine
-                failed[str(path)] = failure
-            return None
-
-    if spec.profile == "train":
-        if u.audio_path is not None:
-            enc = attempt("audio", u.audio_path, lambda: media.encode_audio(u.audio_path, spec.sample_rate))
-            if enc is not None:
-                members["flac"], durations["audio"] = enc.data, enc.duration
-        if u.video_path is not None:
-            enc = attempt("video", u.video_path, lambda: media.encode_video(
-                u.video_path, spec.video_size, spec.video_fps, spec.video_crf))
-            if enc is not None:
-                members["mp4"], durations["video"] = enc.data, enc.duration
-    else:
-        wanted: dict[Path, list[str]] = {}          # file -> kinds it provides (MELD: one mp4 for both)
-        for kind, path in (("audio", u.audio_path), ("video", u.video_path)):
-            if path is not None:
-                wanted.setdefault(Path(path), []).append(kind)
-        for path, kinds in wanted.items():
-            try:
-                got = media.verify_tracks(path, tuple(kinds))
-                data = media.read_bytes(path)
-            except media.MediaError as e:
-                failures.append({"key": u.key, "reason": e.reason, "path": str(path), "modalities": kinds,
-                                 "detail": e.detail[:200]})
-                continue
-            ok = [k for k in kinds if not isinstance(got[k], media.MediaError)]
-            for k in kinds:
-                if isinstance(got[k], media.MediaError):   # e.g. a video without its audio track: video kept
-                    failures.append({"key": u.key, "reason": got[k].reason, "path": str(path), "modalities": [k],
-                                     "detail": got[k].detail[:200]})
-            if not ok:
-                continue
-            ext = path.suffix.lower().lstrip(".") or ok[0]
-            if ext in members:
-                raise ValueError(f"{u.key}: two source files with the extension .{ext} ({path}); "
-                                 f"the raw profile stores one member per extension")
-            members[ext] = data
-            durations.update({k: float(got[k]) for k in ok})
-            if "audio" in ok and ext not in AUDIO_EXTS:
-                extra["audio_member"] = ext                  # audio lives inside the video file
-
-    has_text = bool(u.text)
-    modalities = sorted(["text"] * has_text + [m for m in ("audio", "video") if m in durations])
-    dropped = bool(failures) and (spec.missing_media == "skip" or not modalities)
-    for f in failures:
-        f["dropped"] = dropped
-    if dropped:
-        return None, failures, 0.0
-    if has_text:
-        members["txt"] = u.text.encode("utf-8")
-    meta = {
-        "key": u.key, "corpus": u.corpus, "split": u.split, "label": u.label, "label_id": u.label_id,
-        "labels": list(spec.labels), "speaker": u.speaker,
-        "duration": round(durations.get("audio", durations.get("video", 0.0)), 6),
-        "source": {"audio": _rel(u.audio_path, spec.root), "video": _rel(u.video_path, spec.root)},
-        "profile": spec.profile, "modalities": modalities, "meta": u.meta, **extra,
-    }
-    if spec.profile == "train":
-        meta["media"] = {"sample_rate": spec.sample_rate, "video_size": spec.video_size, "video_fps": spec.video_fps}
-    members["json"] = json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
-    return members, failures, durations.get("audio", 0.0)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def remove_leftovers(out: Path, name: str) -> None:
-    """Delete a shard's temp files and its tar (the caller knows it has no stats)."""
-    base = name[: -len(".tar")]
-    for p in out.glob(f".{base}.*"):
-        p.unlink(missing_ok=True)
-    (out / name).unlink(missing_ok=True)
-
-
-def member_offsets(tar_path: Path) -> dict[str, dict[str, list[int]]]:
-    """key -> {ext: [byte offset of the data, size]} read back from a finished tar."""
-    offsets: dict[str, dict[str, list[int]]] = {}
-    with tarfile.open(tar_path, "r:") as tf:
-        for m in tf.getmembers():
-            key, _, ext = m.name.partition(".")
-            offsets.setdefault(key, {})[ext] = [m.offset_data, m.size]
-    return offsets
-
-
-class TarSampleWriter:
-    """Writes samples exactly as `webdataset.TarWriter(f, encoder=False, mtime=0, ...)` does.
-
-    Same member order (extensions sorted), names `KEY.EXT`, USTAR headers, stream mode "w|";
-    a unit test checks the bytes against webdataset's writer. Not webdataset itself because
-    importing it imports torch (~0.7 GB and ~1.5 s in every worker process).
-    """
-
-    def __init__(self, fileobj: Any) -> None:
-        self.tar = tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.USTAR_FORMAT)
-
-    def write(self, key: str, members: dict[str, bytes]) -> None:
-        for ext in sorted(members):
-            data = members[ext]
-            ti = tarfile.TarInfo(f"{key}.{ext}")
-            ti.size, ti.mtime, ti.mode = len(data), TAR_MTIME, TAR_MODE
-            ti.uname = ti.gname = TAR_USER
-            self.tar.addfile(ti, io.BytesIO(data))
-
-    def close(self) -> None:
-        self.tar.close()
-
-
-def write_shard(job: ShardJob, spec: _WriteSpec, progress: Callable[[int], None] | None = None) -> ShardOutcome:
-    """Write one shard: tmp file, fsync, rename, offsets, stats last. Never raises."""
-    out = Path(spec.out)
-    outcome = ShardOutcome(job.name)
-    try:
-        remove_leftovers(out, job.name)
-        tmp = out / f".{job.name}.tmp{os.getpid()}"
-        entries: list[tuple[Utterance, float]] = []
-        class_counts = Counter()
-        modalities = Counter()
-        duration = 0.0
-        with open(tmp, "wb") as f:
-            writer = TarSampleWriter(f)
-            for u in job.utterances:
-                try:
-                    members, failures, audio_s = _build_sample(u, spec)
-                except Exception as e:  # a bug or an exotic file must not take the shard down
-                    members, failures, audio_s = None, [{
-                        "key": u.key, "reason": "error", "path": str(u.audio_path or u.video_path or ""),
-                        "modalities": [], "dropped": True, "detail": f"{type(e).__name__}: {e}"[:300]}], 0.0
-                outcome.skipped.extend(failures)
-                if members is not None:
-                    writer.write(u.key, members)
-                    entries.append((u, audio_s))
-                    class_counts[u.label] += 1
-                    meta = json.loads(members["json"])
-                    modalities.update(meta["modalities"])
-                    duration += meta["duration"]
-                if progress is not None:
-                    progress(1)
-            writer.close()
-            f.flush()
-            os.fsync(f.fileno())
-        final = out / job.name
-        if entries:
-            os.replace(tmp, final)
-            _fsync_dir(out)
-            offsets = member_offsets(final)
-            size = final.stat().st_size
-        else:                      # every sample skipped: no tar, the stats alone mark it done
-            tmp.unlink()
-            offsets, size = {}, 0
-        stats = ShardStats(
-            shard=job.name, split=job.split,
-            samples=[SampleEntry(u.key, u.label_id, offsets[u.key], round(a, 6)) for u, a in entries],
-            bytes=size,
-            class_counts={k: class_counts[k] for k in spec.labels if class_counts[k]},
-            modalities={k: modalities[k] for k in ("text", "audio", "video") if modalities[k]},
-            duration=round(duration, 6),
-            skipped=outcome.skipped,
-        )
-        write_json_atomic(out / stats_name(job.name), stats.to_json())
-        _fsync_dir(out)
-        outcome.samples = len(entries)
-    except Exception as e:
-        outcome.error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
-    outcome.peak_rss_mb = peak_rss_mb()
-    return outcome
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MB: VmHWM, which (unlike ru_maxrss) does not inherit
-    the parent's peak through fork+exec of a spawned worker."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
+# --------------------------------------------------------------------------- worker processes
 
 # worker-process globals (set by the pool initializer)
 _QUEUE: Any = None
@@ -503,24 +121,12 @@ class _TaskLock:
         os.close(self.fd)       # closing drops the flock; the file stays (unlinking it would race)
 
 
-def write_shard_in_worker(job: ShardJob, spec: _WriteSpec) -> ShardOutcome:
+def write_shard_in_worker(job: ShardJob, spec: WriteSpec) -> ShardOutcome:
     """`write_shard` in a pool process, reporting progress through the queue to the main process."""
     return write_shard(job, spec, progress=_QUEUE.put)
 
 
 # --------------------------------------------------------------------------- merge
-
-
-def is_complete(out: Path, name: str) -> bool:
-    stats = out / stats_name(name)
-    if not stats.exists():
-        return False
-    if (out / name).exists():
-        return True
-    try:
-        return not json.loads(stats.read_text(encoding="utf-8"))["samples"]
-    except (OSError, ValueError, KeyError):
-        return False
 
 
 def merge(out: str | Path, jobs: list[ShardJob], cfg: PackConfig, report: ReadReport) -> ShardIndex:
@@ -649,7 +255,7 @@ def pack(corpus: str, root: str | Path, out: str | Path, *, profile: str = "trai
     cfg = PackConfig(corpus=corpus, root=str(Path(root).resolve()), profile=profile, shard_samples=shard_samples,
                      shard_bytes=parse_bytes(shard_bytes), seed=seed, splits=split_t, video_size=video_size,
                      video_fps=float(video_fps), video_crf=video_crf, missing_media=missing_media,
-                     reader_options=_reader_options(corpus, split_t, missing_media, reader_options))
+                     reader_options=reader_options_for(corpus, split_t, missing_media, reader_options))
     out = Path(out)
     utterances, report = read_corpus(corpus, cfg.root, **cfg.reader_options)
     timings["read"] = time.perf_counter() - t0
@@ -676,7 +282,7 @@ def pack(corpus: str, root: str | Path, out: str | Path, *, profile: str = "trai
         except BaseException:
             lock.release()
             raise
-    spec = _WriteSpec(out=str(out), root=cfg.root, corpus=corpus, labels=labels_for(corpus), profile=profile,
+    spec = WriteSpec(out=str(out), root=cfg.root, corpus=corpus, labels=labels_for(corpus), profile=profile,
                       video_size=cfg.video_size, video_fps=cfg.video_fps, video_crf=cfg.video_crf,
                       sample_rate=cfg.sample_rate, missing_media=missing_media)
 
@@ -714,7 +320,7 @@ def pack(corpus: str, root: str | Path, out: str | Path, *, profile: str = "trai
     )
 
 
-def _run(jobs: list[ShardJob], spec: _WriteSpec, workers: int, progress: bool, total: int, done: int,
+def _run(jobs: list[ShardJob], spec: WriteSpec, workers: int, progress: bool, total: int, done: int,
          desc: str) -> list[ShardOutcome]:
     """Write `jobs` in this process (workers=1) or a pool of spawned processes; tqdm in this one."""
     from tqdm import tqdm

@@ -28,9 +28,9 @@ from mmer_dist.corpora import read_corpus
 from mmer_dist.corpora.record import Utterance
 from mmer_dist.corpora.synthetic import write_corpus
 from mmer_dist.shards.inspect import summarize
-from mmer_dist.shards.pack import (
-    PackError, ShardJob, TarSampleWriter, _planned_bytes, _WriteSpec, pack, plan_shards, write_shard,
-)
+from mmer_dist.shards.pack import PackError, pack
+from mmer_dist.shards.plan import ShardJob, _planned_bytes, plan_shards
+from mmer_dist.shards.writer import TarSampleWriter, WriteSpec, write_shard
 from mmer_dist.shards.schema import ShardStats, load_index, stats_name
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -324,7 +324,7 @@ def test_worker_survives_unreadable_and_broken_files(tmp_path: Path) -> None:
         mk("k-junk", text="yo", audio_path=tmp_path / "junk.mp4", video_path=tmp_path / "junk.mp4"),
         mk("k-gone", text="so", video_path=tmp_path / "gone.mp4"),
     ])
-    spec = _WriteSpec(str(tmp_path / "out"), str(tmp_path), "meld", ("neutral", "joy"), "train", 64, 4.0, 23, 16000, "keep")
+    spec = WriteSpec(str(tmp_path / "out"), str(tmp_path), "meld", ("neutral", "joy"), "train", 64, 4.0, 23, 16000, "keep")
     outcome = write_shard(job, spec)
     assert outcome.error == "" and outcome.samples == 3
     got = {(s["key"], s["reason"], s["dropped"], tuple(s["modalities"])) for s in outcome.skipped}

@@ -1,6 +1,6 @@
 """Per-rank loaders over tiny shards: offsets, equal batches per rank, eval exactly-once, resume, streaming.
 
-The shards are written with the packer's own tar writer and offset reader (mmer_dist.shards.pack),
+The shards are written with the packer's own tar writer and offset reader (mmer_dist.shards.writer),
 following mmer_dist.shards.schema, from tiny generated FLAC audio + text (a few video samples).
 Ranks are simulated in one process by passing rank/world_size explicitly.
 """
@@ -21,7 +21,7 @@ import torch
 from mmer_dist.config import DataConfig, SamplerConfig, replace
 from mmer_dist.data.pipeline import ShardDataset, build_decoder, build_eval_loader, build_train_loader
 from mmer_dist.data.stream import StreamPlan
-from mmer_dist.shards.pack import TarSampleWriter, member_offsets
+from mmer_dist.shards.writer import TarSampleWriter, member_offsets
 from mmer_dist.shards.schema import (INDEX_FILE, SampleEntry, ShardIndex, ShardStats, SplitIndex, shard_name,
                                      stats_name, write_json_atomic)
 
