@@ -11,7 +11,7 @@ import soundfile as sf
 import torch
 
 from mmer_dist.config import DataConfig
-from mmer_dist.corpora.synthetic import write_mp4
+from mmer_dist.corpora.synthetic_media import write_mp4
 from mmer_dist.data.decode import (IMAGENET_MEAN, IMAGENET_STD, Decoder, DecodeError, crop_window, decode_audio,
                                    decode_files, decode_sample, decode_video)
 

@@ -21,14 +21,11 @@ from mmer_dist.corpora.synthetic import (
     MELD_CLIP_DIR,
     MELD_CSV,
     MELD_PROPORTIONS,
-    synth_audio,
-    synth_frames,
     write_corpus,
     write_meld,
-    write_mp4,
     write_ravdess,
-    write_wav,
 )
+from mmer_dist.corpora.synthetic_media import synth_audio, synth_frames, write_mp4, write_wav
 
 TINY = dict(seconds=(0.5, 0.8), frame_size=32, fps=10.0)
 RAVDESS_NAME = re.compile(r"^(0[13])-01-(0[1-8])-(0[12])-(0[12])-(0[12])-(\d\d)\.(wav|mp4)$")
