@@ -7,8 +7,10 @@
     loss_fn = build_loss(cfg.loss, class_counts)   # loss_fn(logits, labels) -> scalar
     tokenizer = build_tokenizer(cfg.model.text)    # offline MiniLM vocabulary by default
 
-Modules: encoders.py (text/audio/video encoders, tokenizer, ENCODERS registry), fusion.py
-(CrossModalFusion, MultimodalModel, build_model), heads.py (ClassificationHead, losses, build_loss).
+Modules: encoders.py (Encoder base class, weight loading, tokenizer, ENCODERS registry, build_encoder),
+text.py / audio.py / video.py (the hf and scratch encoders of each modality), cached.py (features
+from `mmer-dist embed`), fusion.py (CrossModalFusion, MultimodalModel, build_model), heads.py
+(ClassificationHead, losses, build_loss).
 """
 
 from mmer_dist.models.encoders import build_encoder, build_tokenizer

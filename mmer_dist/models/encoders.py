@@ -8,7 +8,7 @@ Every encoder is a thin `Encoder` wrapper built from an `EncoderConfig` by `buil
     audio     scratch  log-mel + conv + transformer, width 32 / 128 / 256
     video     hf       tiny VideoMAE                        MCG-NJU/videomae-small-...    MCG-NJU/videomae-base
     video     scratch  per-frame CNN + temporal transformer, width 32 / 128 / 256
-    any       cached   precomputed features from `mmer-dist embed` (models/cached.py, registered below)
+    any       cached   precomputed features from `mmer-dist embed` (models/cached.py)
 
 `pretrained` overrides the size's default: "minilm" (the packaged all-MiniLM-L6-v2), a hub id, or
 a local folder written by `save_pretrained`. A video `pretrained` that is not VideoMAE (ViT, DINOv2,
@@ -25,6 +25,11 @@ key absent from the batch is treated the same way for the whole batch.
 
     enc = build_encoder("audio", EncoderConfig(kind="scratch"), sample_rate=16000)
     tokens, mask = enc(batch)          # batch in the collate format (see mmer_dist/data/collate.py)
+
+This module holds what every encoder shares: the `Encoder` base class (pooling, freezing, stubs),
+`HFEncoder`, loading of pretrained weights and their errors, the tokenizer, the `ENCODERS` registry
+and `build_encoder`. The encoders themselves live in models/text.py, models/audio.py and
+models/video.py (hf and scratch kinds, with their random-init debug configs) and models/cached.py.
 """
 
 from __future__ import annotations
@@ -37,7 +42,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -191,7 +195,7 @@ class TokenTransformer(nn.Module):
         return self.norm(x)
 
 
-def _stub_rows(mask: Tensor) -> Tensor:
+def stub_rows(mask: Tensor) -> Tensor:
     """The mask the backbone runs with: rows with no real position get position 0 (a stub)."""
     empty = ~mask.any(dim=1)
     if not bool(empty.any()):
@@ -292,368 +296,43 @@ class HFEncoder(Encoder):
                 "revision": conf.get("_commit_hash") or "", "config_hash": _fingerprint(conf)}
 
 
-# --------------------------------------------------------------------------- text
-
-
-class HFTextEncoder(HFEncoder):
-    """Any `AutoModel` text encoder (BERT, RoBERTa, MiniLM, ...): last hidden states, mask = text_mask."""
-
-    input_keys = ("text_ids", "text_mask")
-
-    def encode(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        ids, mask = batch["text_ids"], batch["text_mask"].bool()
-        max_pos = getattr(self.backbone.config, "max_position_embeddings", None)
-        if max_pos and ids.shape[1] > max_pos - 2:
-            raise ValueError(f"text batch has {ids.shape[1]} tokens, more than {self.source} supports "
-                             f"({max_pos - 2}); lower data.max_text_tokens")
-        if ids.shape[1] == 0:
-            ids, mask = ids.new_zeros(ids.shape[0], 1), mask.new_zeros(ids.shape[0], 1)
-        out = self.backbone(input_ids=ids, attention_mask=_stub_rows(mask).long())
-        return out.last_hidden_state, mask
-
-    def stub(self, batch_size: int, device: torch.device) -> dict[str, Tensor]:
-        return {"text_ids": torch.zeros(batch_size, 1, dtype=torch.long, device=device),
-                "text_mask": torch.zeros(batch_size, 1, dtype=torch.bool, device=device)}
-
-
-def _debug_text_config(dropout: float = 0.1) -> Any:
-    from transformers import BertConfig
-
-    vocab = json.loads((minilm_path() / "config.json").read_text())["vocab_size"]
-    return BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=512, pad_token_id=0,
-                      hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-
-
-def build_text_hf(cfg: EncoderConfig, sample_rate: int) -> Encoder:
+def hf_backbone(modality: str, cfg: EncoderConfig, debug_config: Callable[[float], Any],
+                **kwargs: Any) -> tuple[nn.Module, str]:
+    """(backbone, source) of a kind=hf encoder: `AutoModel` of the weights `cfg` names (see `resolve_source`;
+    `kwargs` go to `from_pretrained`), or random-init from `debug_config(cfg.dropout)` when the source is ""."""
     from transformers import AutoModel
 
-    source = resolve_source("text", cfg)
+    source = resolve_source(modality, cfg)
     if source:
-        backbone = load_pretrained(AutoModel, source, "model.text.pretrained", _origin("text", cfg))
-    else:
-        backbone = AutoModel.from_config(_debug_text_config(cfg.dropout))
-    return HFTextEncoder("text", cfg, backbone, source)
-
-
-# --------------------------------------------------------------------------- audio
-
-
-def _normalise_waveform(wav: Tensor, mask: Tensor) -> Tensor:
-    """Zero mean, unit variance over each row's real samples (what wav2vec2-style models expect); padding = 0."""
-    m = mask.to(wav.dtype)
-    n = m.sum(1, keepdim=True).clamp(min=1.0)
-    mean = (wav * m).sum(1, keepdim=True) / n
-    var = (((wav - mean) * m) ** 2).sum(1, keepdim=True) / n
-    return (wav - mean) / torch.sqrt(var + 1e-7) * m
-
-
-class HFAudioEncoder(HFEncoder):
-    """wav2vec2 / HuBERT / WavLM via AutoModel: frame tokens (~20 ms), frame mask from the sample mask.
-
-    Models whose feature extractor uses GroupNorm over time (`feat_extract_norm="group"`, e.g.
-    wav2vec2-base, HuBERT-base) are run one utterance at a time on its real samples: a GroupNorm
-    over a zero-padded signal would change every frame. `feat_extract_norm="layer"` models run batched
-    with an attention mask. SpecAugment and LayerDrop inside the model are disabled at build time:
-    SpecAugment fails on clips shorter than mask_time_length frames and both leave parameters
-    without a gradient on some steps, which DDP rejects.
-    """
-
-    input_keys = ("audio", "audio_mask")
-
-    def __init__(self, cfg: EncoderConfig, backbone: nn.Module, source: str) -> None:
-        super().__init__("audio", cfg, backbone, source)
-        conf = backbone.config
-        self.per_utterance = getattr(conf, "feat_extract_norm", "layer") == "group"
-        min_len = 1
-        for k, s in reversed(list(zip(conf.conv_kernel, conf.conv_stride))):
-            min_len = (min_len - 1) * s + k
-        self.min_samples = min_len
-        """Fewest samples that give one output frame (the feature extractor's receptive field)."""
-        if cfg.freeze_feature_extractor:
-            backbone.feature_extractor.requires_grad_(False)
-
-    def set_frozen(self, frozen: bool) -> None:
-        super().set_frozen(frozen)
-        if not frozen and self.cfg.freeze_feature_extractor:
-            self.backbone.feature_extractor.requires_grad_(False)
-
-    def frame_lengths(self, sample_lengths: Tensor) -> Tensor:
-        out = self.backbone._get_feat_extract_output_lengths(sample_lengths)
-        return torch.where(sample_lengths >= self.min_samples, out, torch.zeros_like(out)).long()
-
-    def encode(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        wav, mask = batch["audio"], batch["audio_mask"].bool()
-        lengths = mask.sum(1)
-        run_lengths = lengths.clamp(min=self.min_samples)  # stub rows: a silent receptive field
-        if wav.shape[1] < self.min_samples:
-            wav = F.pad(wav, (0, self.min_samples - wav.shape[1]))
-        run_mask = lengths_to_mask(run_lengths, wav.shape[1])
-        x = _normalise_waveform(wav.float(), mask & run_mask).to(self.backbone.dtype)
-        if self.per_utterance:
-            outs = [self.backbone(input_values=x[i: i + 1, : int(n)]).last_hidden_state[0]
-                    for i, n in enumerate(run_lengths.tolist())]
-            hidden = nn.utils.rnn.pad_sequence(outs, batch_first=True)
-        else:
-            hidden = self.backbone(input_values=x, attention_mask=run_mask.long()).last_hidden_state
-        return hidden, lengths_to_mask(self.frame_lengths(lengths), hidden.shape[1])
-
-    def stub(self, batch_size: int, device: torch.device) -> dict[str, Tensor]:
-        return {"audio": torch.zeros(batch_size, self.min_samples, device=device),
-                "audio_mask": torch.zeros(batch_size, self.min_samples, dtype=torch.bool, device=device)}
-
-
-def _debug_audio_config(dropout: float = 0.1) -> Any:
-    from transformers import Wav2Vec2Config
-
-    return Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                          conv_dim=(32, 32, 32), conv_kernel=(10, 8, 4), conv_stride=(5, 4, 4),
-                          feat_extract_norm="layer", do_stable_layer_norm=True, num_conv_pos_embeddings=16,
-                          num_conv_pos_embedding_groups=4, mask_time_prob=0.0, layerdrop=0.0,
-                          vocab_size=4, hidden_dropout=dropout, attention_dropout=dropout,
-                          activation_dropout=dropout, feat_proj_dropout=dropout)
-
-
-def build_audio_hf(cfg: EncoderConfig, sample_rate: int) -> Encoder:
-    from transformers import AutoModel
-
-    if sample_rate != 16000:
-        raise ConfigError(f"hf audio encoders expect 16 kHz input, got model.sample_rate={sample_rate}; "
-                          f"set data.sample_rate=16000 (or use model.audio.kind=scratch)")
-    source = resolve_source("audio", cfg)
-    if source:
-        backbone = load_pretrained(AutoModel, source, "model.audio.pretrained", _origin("audio", cfg),
-                                   mask_time_prob=0.0, mask_feature_prob=0.0, layerdrop=0.0)
-    else:
-        backbone = AutoModel.from_config(_debug_audio_config(cfg.dropout))
-    if not hasattr(backbone, "_get_feat_extract_output_lengths"):
-        raise ConfigError(f"model.audio.pretrained={source!r} is a {type(backbone).__name__}, not a "
-                          f"wav2vec2/HuBERT/WavLM-style speech encoder")
-    return HFAudioEncoder(cfg, backbone, source)
-
-
-class ScratchAudioEncoder(Encoder):
-    """Log-mel (25 ms window, 10 ms hop) -> 2 strided convs (40 ms tokens) -> transformer. Trains on CPU.
-
-    Frames are computed without centering, so a frame is real only when its whole window lies in the
-    real samples; features are normalised per utterance over real frames and padded frames are zeroed
-    before every convolution, so padding never reaches a real token.
-    """
-
-    input_keys = ("audio", "audio_mask")
-
-    def __init__(self, cfg: EncoderConfig, sample_rate: int) -> None:
-        import torchaudio
-
-        size = SCRATCH_SIZES[cfg.size]
-        super().__init__("audio", cfg, size["dim"])
-        self.n_fft = int(0.025 * sample_rate)
-        self.hop = int(0.010 * sample_rate)
-        # A plain attribute, not a submodule: its window and filterbank stay float32 when the model is
-        # cast (model.to(bfloat16), DeepSpeed bf16) and stay out of the state dict (nothing learned).
-        melspec = torchaudio.transforms.MelSpectrogram(sample_rate=sample_rate, n_fft=self.n_fft,
-                                                       hop_length=self.hop, n_mels=size["n_mels"], center=False)
-        object.__setattr__(self, "_melspec", melspec)  # bypass nn.Module registration
-        dim = size["dim"]
-        self.conv1 = nn.Conv1d(size["n_mels"], dim, kernel_size=3, stride=2, padding=1)
-        self.conv2 = nn.Conv1d(dim, dim, kernel_size=3, stride=2, padding=1)
-        self.transformer = TokenTransformer(dim, size["layers"], size["heads"], cfg.dropout)
-        self.transformer.gradient_checkpointing = cfg.gradient_checkpointing
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "source": f"scratch log-mel {self.cfg.size}"}
-
-    def _frames(self, sample_lengths: Tensor) -> Tensor:
-        n = torch.div(sample_lengths - self.n_fft, self.hop, rounding_mode="floor") + 1
-        return torch.where(sample_lengths >= self.n_fft, n, torch.zeros_like(n))
-
-    @staticmethod
-    def _half(n: Tensor) -> Tensor:  # output length of a k=3, s=2, p=1 conv
-        return torch.div(n - 1, 2, rounding_mode="floor") + 1
-
-    def encode(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        wav, mask = batch["audio"], batch["audio_mask"].bool()
-        lengths = mask.sum(1)
-        run_lengths = lengths.clamp(min=self.n_fft)
-        if wav.shape[1] < self.n_fft:
-            wav = F.pad(wav, (0, self.n_fft - wav.shape[1]))
-        wav = wav * lengths_to_mask(lengths, wav.shape[1]).to(wav.dtype)
-        with torch.autocast(device_type=wav.device.type, enabled=False):
-            if self._melspec.spectrogram.window.device != wav.device:
-                self._melspec.to(wav.device)  # in place
-            feats = torch.log(self._melspec(wav.float()) + 1e-6)  # [B, n_mels, T]
-            fmask = lengths_to_mask(self._frames(run_lengths), feats.shape[2])[:, None, :].float()
-            n = fmask.sum(2, keepdim=True).clamp(min=1.0)
-            mean = (feats * fmask).sum(2, keepdim=True) / n
-            std = torch.sqrt((((feats - mean) * fmask) ** 2).sum(2, keepdim=True) / n + 1e-5)
-            feats = (feats - mean) / std * fmask
-        x = feats.to(self.conv1.weight.dtype)
-        run1 = self._half(self._frames(run_lengths))
-        x = F.gelu(self.conv1(x)) * lengths_to_mask(run1, (x.shape[2] - 1) // 2 + 1)[:, None, :].to(x.dtype)
-        run2 = self._half(run1)
-        x = F.gelu(self.conv2(x))
-        run_mask = lengths_to_mask(run2, x.shape[2])
-        x = x.transpose(1, 2) * run_mask[..., None].to(x.dtype)
-        x = x + sinusoidal_positions(x.shape[1], x.shape[2], x.device, x.dtype)
-        tokens = self.transformer(x, run_mask)
-        return tokens, lengths_to_mask(self._half(self._half(self._frames(lengths))), x.shape[1])
-
-    def stub(self, batch_size: int, device: torch.device) -> dict[str, Tensor]:
-        return {"audio": torch.zeros(batch_size, self.n_fft, device=device),
-                "audio_mask": torch.zeros(batch_size, self.n_fft, dtype=torch.bool, device=device)}
-
-
-def build_audio_scratch(cfg: EncoderConfig, sample_rate: int) -> Encoder:
-    if cfg.pretrained:
-        raise ConfigError(f"model.audio.kind=scratch trains from scratch; model.audio.pretrained={cfg.pretrained!r} "
-                          f"needs model.audio.kind=hf")
-    return ScratchAudioEncoder(cfg, sample_rate)
-
-
-# --------------------------------------------------------------------------- video
-
-
-def _resize_frames(frames: Tensor, size: int) -> Tensor:
-    """[N, 3, H, W] -> [N, 3, size, size] (bilinear) when the size differs."""
-    if frames.shape[-2:] == (size, size):
-        return frames
-    return F.interpolate(frames, size=(size, size), mode="bilinear", align_corners=False)
-
-
-class HFVideoEncoder(HFEncoder):
-    """VideoMAE over a clip resampled from the real frames, or any image model (ViT, ...) per frame.
-
-    VideoMAE: the real frames of each sample are resampled (nearest, evenly spaced) to the model's
-    num_frames and resized to its image_size, so padding frames never enter the clip; tokens are its
-    space-time patches (all real for a sample with >= 1 frame). Per-frame models: one token per real
-    frame (the CLS output), the frame mask unchanged.
-    """
-
-    input_keys = ("video", "video_mask")
-
-    def __init__(self, cfg: EncoderConfig, backbone: nn.Module, source: str) -> None:
-        super().__init__("video", cfg, backbone, source)
-        conf = backbone.config
-        self.clip_model = conf.model_type == "videomae"
-        self.num_frames = int(getattr(conf, "num_frames", 1))
-        size = conf.image_size
-        self.image_size = int(size[0] if isinstance(size, (list, tuple)) else size)
-
-    def encode(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        video, mask = batch["video"], batch["video_mask"].bool()
-        b, f = mask.shape
-        counts = mask.sum(1)
-        if self.clip_model:
-            # Real frames first (stable), then num_frames evenly spaced picks among them.
-            order = torch.argsort((~mask).int(), dim=1, stable=True)
-            picks = (torch.arange(self.num_frames, device=video.device)[None, :] * counts.clamp(min=1)[:, None]
-                     ) // self.num_frames
-            index = torch.gather(order, 1, picks)
-            clip = video[torch.arange(b, device=video.device)[:, None], index]  # [B, nf, 3, H, W]
-            clip = _resize_frames(clip.flatten(0, 1), self.image_size).unflatten(0, (b, self.num_frames))
-            hidden = self.backbone(pixel_values=clip.to(self.backbone.dtype)).last_hidden_state
-            return hidden, (counts > 0)[:, None].expand(b, hidden.shape[1])
-        run = _stub_rows(mask)
-        frames = _resize_frames(video[run], self.image_size)
-        cls = self.backbone(pixel_values=frames.to(self.backbone.dtype)).last_hidden_state[:, 0]
-        tokens = cls.new_zeros(b, f, cls.shape[-1])
-        tokens[run] = cls
-        return tokens, mask
-
-    def stub(self, batch_size: int, device: torch.device) -> dict[str, Tensor]:
-        return {"video": torch.zeros(batch_size, 1, 3, self.image_size, self.image_size, device=device),
-                "video_mask": torch.zeros(batch_size, 1, dtype=torch.bool, device=device)}
-
-
-def _debug_video_config(dropout: float = 0.1) -> Any:
-    from transformers import VideoMAEConfig
-
-    return VideoMAEConfig(image_size=32, patch_size=8, num_frames=4, tubelet_size=2, hidden_size=32,
-                          num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                          hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-
-
-def build_video_hf(cfg: EncoderConfig, sample_rate: int) -> Encoder:
-    from transformers import AutoModel
-
-    source = resolve_source("video", cfg)
-    if source:
-        backbone = load_pretrained(AutoModel, source, "model.video.pretrained", _origin("video", cfg))
-    else:
-        backbone = AutoModel.from_config(_debug_video_config(cfg.dropout))
-    if not hasattr(backbone.config, "image_size"):
-        raise ConfigError(f"model.video.pretrained={source!r} is a {type(backbone).__name__}, not a video "
-                          f"(VideoMAE) or image (ViT-style) model")
-    return HFVideoEncoder(cfg, backbone, source)
-
-
-class ScratchVideoEncoder(Encoder):
-    """Per-frame CNN (3 strided convs, GroupNorm, global average) -> temporal transformer; one token per frame.
-
-    The CNN runs on the real frames only; padding frames stay zero and are masked out of attention.
-    """
-
-    input_keys = ("video", "video_mask")
-
-    def __init__(self, cfg: EncoderConfig) -> None:
-        size = SCRATCH_SIZES[cfg.size]
-        super().__init__("video", cfg, size["dim"])
-        c1, c2, dim = size["c1"], size["c2"], size["dim"]
-
-        def block(cin: int, cout: int) -> list[nn.Module]:
-            return [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(min(4, cout), cout), nn.GELU()]
-
-        self.cnn = nn.Sequential(*block(3, c1), *block(c1, c2), *block(c2, dim),
-                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(dim, dim))
-        self.transformer = TokenTransformer(dim, size["layers"], size["heads"], cfg.dropout)
-        self.transformer.gradient_checkpointing = cfg.gradient_checkpointing
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "source": f"scratch frame-cnn {self.cfg.size}"}
-
-    def encode(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        video, mask = batch["video"], batch["video_mask"].bool()
-        run = _stub_rows(mask)
-        per_frame = self.cnn(video[run].to(self.cnn[0].weight.dtype))
-        x = per_frame.new_zeros(*mask.shape, self.out_dim)
-        x[run] = per_frame
-        x = x + sinusoidal_positions(x.shape[1], x.shape[2], x.device, x.dtype)
-        return self.transformer(x, run), mask
-
-    def stub(self, batch_size: int, device: torch.device) -> dict[str, Tensor]:
-        return {"video": torch.zeros(batch_size, 1, 3, 16, 16, device=device),
-                "video_mask": torch.zeros(batch_size, 1, dtype=torch.bool, device=device)}
-
-
-def build_video_scratch(cfg: EncoderConfig, sample_rate: int) -> Encoder:
-    if cfg.pretrained:
-        raise ConfigError(f"model.video.kind=scratch trains from scratch; model.video.pretrained={cfg.pretrained!r} "
-                          f"needs model.video.kind=hf")
-    return ScratchVideoEncoder(cfg)
+        return load_pretrained(AutoModel, source, f"model.{modality}.pretrained", _origin(modality, cfg),
+                               **kwargs), source
+    return AutoModel.from_config(debug_config(cfg.dropout)), source
 
 
 # --------------------------------------------------------------------------- registry
 
 
-ENCODERS: dict[tuple[str, str], Callable[[EncoderConfig, int], Encoder]] = {
-    ("text", "hf"): build_text_hf,
-    ("audio", "hf"): build_audio_hf,
-    ("audio", "scratch"): build_audio_scratch,
-    ("video", "hf"): build_video_hf,
-    ("video", "scratch"): build_video_scratch,
-}
-"""(modality, kind) -> builder(cfg, sample_rate). Issue 9 registers ("text"|"audio"|"video", "cached") here."""
+ENCODERS: dict[tuple[str, str], Callable[[EncoderConfig, int], Encoder]] = {}
+"""(modality, kind) -> builder(cfg, sample_rate). Filled by the modules that implement the kinds, when
+imported (models/text.py, audio.py, video.py: hf and scratch; models/cached.py: cached); `build_encoder`
+imports them, so a new kind is a module that registers itself plus one name in `_register_kinds`."""
+
+
+def _register_kinds() -> None:
+    """Import the encoder modules: each adds its (modality, kind) builders to ENCODERS.
+
+    Imported here, not at the top: they import this module (Encoder, HFEncoder, the shared helpers).
+    """
+    from mmer_dist.models import audio, cached, text, video  # noqa: F401
 
 
 def build_encoder(modality: str, cfg: EncoderConfig, sample_rate: int = 16000) -> Encoder:
     """The encoder for `modality` described by `cfg`, with `cfg.freeze` applied."""
     if modality not in MODALITIES:
         raise ConfigError(f"unknown modality {modality!r}; choose one of {', '.join(MODALITIES)}")
+    _register_kinds()
     builder = ENCODERS.get((modality, cfg.kind))
     if builder is None:
-        if cfg.kind == "cached":
-            raise ConfigError(f"model.{modality}.kind=cached reads embeddings written by `mmer-dist embed`, "
-                              f"which is not available in this version; use kind=hf or kind=scratch")
         kinds = sorted(k for m, k in ENCODERS if m == modality)
         raise ConfigError(f"model.{modality}.kind={cfg.kind!r} is not available for {modality}; "
                           f"choose one of {', '.join(kinds)}")
@@ -690,11 +369,3 @@ def example_batch(batch_size: int = 4, modalities: tuple[str, ...] = MODALITIES,
         video = torch.randn(b, frames, 3, image_size, image_size, generator=g)
         batch["video"], batch["video_mask"] = video * mask[:, :, None, None, None], mask
     return batch
-
-
-# --------------------------------------------------------------------------- cached (issue 9)
-# Precomputed features from `mmer-dist embed`; the class lives in models/cached.py (it imports this module).
-from functools import partial  # noqa: E402
-from mmer_dist.models.cached import build_cached  # noqa: E402
-
-ENCODERS.update({(m, "cached"): partial(build_cached, m) for m in MODALITIES})

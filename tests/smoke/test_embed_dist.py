@@ -100,11 +100,11 @@ def saved_encoders(tmp_path_factory) -> dict[str, Path]:
     numbers, so a media model and a cached model start with identical fusion weights."""
     from transformers import AutoModel
 
-    from mmer_dist.models import encoders
+    from mmer_dist.models import text, video
 
     root = tmp_path_factory.mktemp("encoders")
     out = {}
-    for m, make in (("text", encoders._debug_text_config), ("video", encoders._debug_video_config)):
+    for m, make in (("text", text.debug_config), ("video", video.debug_config)):
         torch.manual_seed(7)
         AutoModel.from_config(make()).save_pretrained(root / m)
         out[m] = root / m
