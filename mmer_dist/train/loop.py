@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import platform
 import signal
@@ -260,7 +259,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)          # same initial weights on every rank
     model = build_model(model_cfg)
     tokenizer = build_tokenizer(model_cfg.text) if "text" in cfg.data.modalities else None
-    loss_fn = build_loss(cfg.loss, class_counts)
+    loss_fn = build_loss(cfg.loss, class_counts).to(accelerator.device)   # class weights are buffers
 
     train_loader = build_train_loader(cfg.data.shards, cfg.data, cfg.sampler, tokenizer, rank=rank,
                                       world_size=world, seed=cfg.train.seed)
@@ -270,7 +269,6 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     batches_per_epoch = len(train_loader)
     steps_per_epoch = max(1, batches_per_epoch // cfg.train.grad_accum)
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-    epochs = math.ceil(total_steps / steps_per_epoch)
 
     state = read_trainer_state(resume_from) if resume_from is not None else TrainerState()
     optimizer = build_optimizer(model, cfg.optim)
@@ -292,7 +290,10 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     log = RunLog(run_dir, main)
     eval_every = cfg.train.eval_every or steps_per_epoch
     ckpt_every = cfg.train.checkpoint_every or steps_per_epoch
-    global_batch = cfg.data.batch_size * world * cfg.train.grad_accum
+    if main:
+        print(f"{world} process(es) on {accelerator.device} ({accelerator.distributed_type}); global batch "
+              f"{cfg.data.batch_size * world * cfg.train.grad_accum}; {steps_per_epoch} steps/epoch, {total_steps} "
+              f"steps; sampler {cfg.sampler.weighting}, loss {cfg.loss.name}; run folder {run_dir}", flush=True)
     bar = tqdm(total=total_steps, initial=state.step, disable=not main, desc="train", unit="step",
                dynamic_ncols=True, mininterval=1.0)
 
