@@ -425,15 +425,3 @@ def build_eval_loader(shards_dir: str | Path, cfg_data: DataConfig, tokenizer: A
     batches = eval_batches(len(dataset), cfg_data.eval_batch_size, rank, world_size)
     return EvalLoader(dataset, batches, Collator(cfg_data, pad_id=_pad_id(tokenizer)), cfg_data.num_workers)
 
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def loader_state(loader: "TrainLoader | StreamLoader") -> dict[str, Any]:
-    """What to put in a checkpoint (same as `loader.state_dict()`)."""
-    return loader.state_dict()
-
-
-def load_loader_state(loader: "TrainLoader | StreamLoader", state: dict[str, Any]) -> None:
-    """Restore a checkpoint's loader state; then `set_epoch(state['epoch'])` + `iter_from()` continue."""
-    loader.load_state_dict(state)
