@@ -145,12 +145,9 @@ class _Items(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[int, Any, bytes | None, float]:
         from mmer_dist.data.decode import Skipped
 
-        sample = self.dataset[i]
-        _, entry = self.dataset.locate(i)
-        meta: bytes | None = None
-        if not isinstance(sample, Skipped):
-            meta = self.dataset.members(i).get(META_EXT)
-        return i, sample, meta, float(entry.duration)
+        sample, raw = self.dataset.load(i)          # one read of the members: the decode's and KEY.json's
+        meta = None if isinstance(sample, Skipped) or raw is None else raw.get(META_EXT)
+        return i, sample, meta, float(self.dataset.locate(i)[1].duration)
 
 
 def _collate_items(items: list[tuple[int, Any, bytes | None, float]]) -> list[tuple[int, Any, bytes | None, float]]:

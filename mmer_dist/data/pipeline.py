@@ -143,7 +143,9 @@ class ShardDataset(Dataset):
 
     def members(self, i: int) -> dict[str, Any]:
         """Raw bytes of sample i's members, read at their recorded offsets (a WebDataset-style dict)."""
-        s, entry = self.locate(i)
+        return self._read(*self.locate(i))
+
+    def _read(self, s: int, entry: SampleEntry) -> dict[str, Any]:
         fd = self._fd(s)
         out: dict[str, Any] = {"__key__": entry.key}
         for ext, (offset, size) in entry.members.items():
@@ -155,20 +157,26 @@ class ShardDataset(Dataset):
         return out
 
     def __getitem__(self, item: Any) -> dict[str, Any] | Skipped:
+        return self.load(item)[0]
+
+    def load(self, item: Any) -> tuple[dict[str, Any] | Skipped, dict[str, Any] | None]:
+        """(decoded sample or `Skipped`, the raw members it was decoded from; None when unreadable)."""
         if isinstance(item, (tuple, list)):
             i, pad, epoch, pos = int(item[0]), bool(item[1]), int(item[2]), int(item[3])
         else:
             i, pad, epoch, pos = int(item), False, None, int(item)
-        key = "?"
+        key, raw = "?", None
         try:
-            key = self.locate(i)[1].key
-            sample = self.decoder(self.members(i), index=pos, key=key, epoch=epoch)
+            s, entry = self.locate(i)
+            key = entry.key
+            raw = self._read(s, entry)
+            sample = self.decoder(raw, index=pos, key=key, epoch=epoch)
         except DecodeError as e:
-            return Skipped.from_error(e, pad)
+            return Skipped.from_error(e, pad), raw
         except OSError as e:              # the tar on disk is damaged: skip and count, never crash
-            return Skipped(key, "read_error", str(e), pad)
+            return Skipped(key, "read_error", str(e), pad), None
         sample["pad"] = pad
-        return sample
+        return sample, raw
 
 
 # --------------------------------------------------------------------------- map-style train loader
