@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     emit("data", samples=n, shard_mb=round(mb, 2), raw_mb=round(sum(p.stat().st_size for p, _ in loose) / 1e6, 2))
 
     decoder = build_decoder(cfg, tok, train=True)
-    collate = Collator(cfg, pad_id=tok.pad_token_id)
+    collate = Collator.for_tokenizer(cfg, tok)
 
     def bare() -> int:
         for i, m in enumerate(members):

@@ -252,7 +252,7 @@ def cache_batches(config: str, shards: Path, path: Path) -> dict[str, Any]:
     tok = build_tokenizer(cfg.model.text) if "text" in cfg.data.modalities else None
     ds = ShardDataset(shards, cfg.data.train_split, cfg.data, build_decoder(cfg.data, tok, train=True,
                                                                             seed=cfg.train.seed))
-    collate = Collator(cfg.data, pad_id=int(getattr(tok, "pad_token_id", 0) or 0))
+    collate = Collator.for_tokenizer(cfg.data, tok)
     b = cfg.data.batch_size
     batches = []
     for start in range(0, len(ds) - b + 1, b):

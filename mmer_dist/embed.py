@@ -210,7 +210,7 @@ def _embed_split(model: Any, cfg: Config, shards_in: Path, out: Path, split: str
 
     data_cfg = replace(cfg.data, modalities=modalities)
     dataset = ShardDataset(shards_in, split, data_cfg, build_decoder(data_cfg, tokenizer, train=False))
-    collate = Collator(data_cfg, pad_id=int(getattr(tokenizer, "pad_token_id", 0) or 0))
+    collate = Collator.for_tokenizer(data_cfg, tokenizer)
     b = cfg.data.eval_batch_size
     batches, owner = [], []                         # batches never cross a shard: bytes independent of ranks
     for k, (name, pos) in enumerate(jobs):

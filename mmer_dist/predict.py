@@ -20,7 +20,7 @@ import torch
 def predict(model_path: str | Path, video: str | None = None, audio: str | None = None,
             text: str | None = None) -> dict[str, Any]:
     """{"label": name, "probabilities": {name: p}, "modalities": [used]} for one utterance."""
-    from mmer_dist.data.collate import Collator  # fix (issue 8): there is no `collate` function, only Collator
+    from mmer_dist.data.collate import Collator
     from mmer_dist.data.decode import decode_files
     from mmer_dist.models.encoders import build_tokenizer
     from mmer_dist.train.checkpoint import load_exported
@@ -32,9 +32,8 @@ def predict(model_path: str | Path, video: str | None = None, audio: str | None 
             raise FileNotFoundError(f"{path}: no such file")
     model, model_cfg, data_cfg, labels = load_exported(model_path)
     tokenizer = build_tokenizer(model_cfg.text) if "text" in data_cfg.modalities else None
-    # fix (issue 8): decode_files takes `cfg_data`, and the batch comes from Collator (pad id of the tokenizer)
     sample = decode_files(video=video, audio=audio, text=text, cfg_data=data_cfg, tokenizer=tokenizer)
-    batch = Collator(data_cfg, pad_id=getattr(tokenizer, "pad_token_id", 0) or 0)([sample])
+    batch = Collator.for_tokenizer(data_cfg, tokenizer)([sample])
     with torch.no_grad():
         probs = torch.softmax(model(batch).float(), dim=-1)[0]
     used = [m for m in data_cfg.modalities if f"{m}_mask" in batch and bool(batch[f"{m}_mask"].any())]

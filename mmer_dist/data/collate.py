@@ -1,6 +1,6 @@
 """Collation: decoded samples -> one padded batch with per-modality masks; length bucketing.
 
-    collate = Collator(cfg.data, pad_id=tokenizer.pad_token_id)
+    collate = Collator.for_tokenizer(cfg.data, tokenizer)      # tokenizer: None without text
     batch = collate([sample, Skipped(...), sample, ...])
 
 The batch (model input), for the modalities in `cfg.data.modalities` only:
@@ -82,6 +82,11 @@ class Collator:
         self.frames = cfg_data.video_frames
         self.size = cfg_data.video_size
         self.pad_id = int(pad_id or 0)
+
+    @classmethod
+    def for_tokenizer(cls, cfg_data: DataConfig, tokenizer: Any) -> "Collator":
+        """The collator padding text with `tokenizer`'s pad id (0 when there is no tokenizer or pad token)."""
+        return cls(cfg_data, pad_id=getattr(tokenizer, "pad_token_id", 0) or 0)
 
     def __call__(self, items: Sequence[Any]) -> dict[str, Any]:
         samples = [s for s in items if isinstance(s, dict)]

@@ -334,10 +334,6 @@ def build_decoder(cfg_data: DataConfig, tokenizer: Any, train: bool, seed: int =
     return Decoder(cfg_data, tokenizer if "text" in cfg_data.modalities else None, train=train, seed=seed)
 
 
-def _pad_id(tokenizer: Any) -> int:
-    return int(getattr(tokenizer, "pad_token_id", 0) or 0)
-
-
 def train_class_weights(class_counts: list[int], label_names: list[str], cfg_sampler: SamplerConfig) -> np.ndarray:
     """Per-class weights of the configured weighting (the map sampler's and the stream balancer's)."""
     return class_weights(class_counts, cfg_sampler.weighting, beta=cfg_sampler.beta,
@@ -366,7 +362,7 @@ def build_train_loader(shards_dir: str | Path, cfg_data: DataConfig, cfg_sampler
     split = split or cfg_data.train_split
     seed = cfg_sampler.seed if seed is None else int(seed)
     decoder = build_decoder(cfg_data, tokenizer, train=True, seed=seed)
-    collate = Collator(cfg_data, pad_id=_pad_id(tokenizer))
+    collate = Collator.for_tokenizer(cfg_data, tokenizer)
     if cfg_data.loader == "stream":
         from mmer_dist.data.stream import StreamLoader      # stream.py imports this module: import on use
 
@@ -431,5 +427,5 @@ def build_eval_loader(shards_dir: str | Path, cfg_data: DataConfig, tokenizer: A
     if len(dataset) == 0:
         raise ValueError(f"split {split} of {shards_dir} has no samples to evaluate")
     batches = eval_batches(len(dataset), cfg_data.eval_batch_size, rank, world_size)
-    return EvalLoader(dataset, batches, Collator(cfg_data, pad_id=_pad_id(tokenizer)), cfg_data.num_workers)
+    return EvalLoader(dataset, batches, Collator.for_tokenizer(cfg_data, tokenizer), cfg_data.num_workers)
 
