@@ -38,7 +38,6 @@ import argparse
 import hashlib
 import io
 import json
-import os
 import sys
 import time
 from collections import Counter
@@ -168,24 +167,9 @@ def embed_member(tokens: torch.Tensor) -> bytes:
 def _write_shard(out: Path, name: str, split: str, labels: list[str], rows: list[dict[str, Any]],
                  skipped: list[dict[str, Any]], modalities: tuple[str, ...]) -> None:
     """Tar to a temp file, fsync, rename, offsets, stats last (the packer's protocol and helpers)."""
-    from mmer_dist.shards.writer import TarSampleWriter, fsync_dir, member_offsets, remove_leftovers
+    from mmer_dist.shards.writer import write_stats, write_tar
 
-    remove_leftovers(out, name)
-    tmp = out / f".{name}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        writer = TarSampleWriter(f)
-        for r in rows:
-            writer.write(r["key"], r["members"])
-        writer.close()
-        f.flush()
-        os.fsync(f.fileno())
-    if rows:
-        os.replace(tmp, out / name)
-        fsync_dir(out)
-        offsets, size = member_offsets(out / name), (out / name).stat().st_size
-    else:                                # every sample dropped: the stats alone mark the shard done
-        tmp.unlink()
-        offsets, size = {}, 0
+    offsets, size = write_tar(out, name, ((r["key"], r["members"]) for r in rows))
     counts = Counter(labels[r["label_id"]] for r in rows)
     mods = Counter(m for r in rows for m in modalities if f"emb.{m}.npy" in r["members"])
     stats = ShardStats(
@@ -194,8 +178,7 @@ def _write_shard(out: Path, name: str, split: str, labels: list[str], rows: list
         bytes=size, class_counts={k: counts[k] for k in labels if counts[k]},
         modalities={m: mods[m] for m in modalities if mods[m]},
         duration=round(sum(r["duration"] for r in rows), 6), skipped=skipped)
-    write_json_atomic(out / stats_name(name), stats.to_json())
-    fsync_dir(out)
+    write_stats(out, stats)
 
 
 def _embed_split(model: Any, cfg: Config, shards_in: Path, out: Path, split: str, jobs: list[tuple[str, int]],

@@ -5,7 +5,8 @@
     assert outcome.error or is_complete(Path(spec.out), job.name)
 
 A shard goes to `.NAME.tmpPID`, is fsynced and renamed into place; then the byte offset and size of
-every member is read back (`member_offsets`) and `NAME.stats.json` is written atomically, last. A
+every member is read back (`member_offsets`) and `NAME.stats.json` is written atomically, last
+(`write_tar` then `write_stats`: the protocol both pack and embed follow). A
 shard is complete iff its stats file exists (and its tar, unless every sample of it was skipped:
 then no tar is written). `remove_leftovers` clears a half-written shard before it is redone.
 `TarSampleWriter` writes the same bytes as webdataset's TarWriter without importing torch.
@@ -25,7 +26,7 @@ import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from mmer_dist.corpora.record import Utterance
 from mmer_dist.shards import media
@@ -206,19 +207,49 @@ class TarSampleWriter:
         self.tar.close()
 
 
+def write_tar(out: Path, name: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> tuple[dict[str, dict[str, list[int]]], int]:
+    """Tar (key, members) samples to `.NAME.tmpPID`, fsync, rename to `out/name`: (member offsets, bytes).
+
+    No sample: no tar is left, ({}, 0) -- the stats file alone then marks the shard done.
+    """
+    remove_leftovers(out, name)
+    tmp = out / f".{name}.tmp{os.getpid()}"
+    n = 0
+    with open(tmp, "wb") as f:
+        writer = TarSampleWriter(f)
+        for key, members in samples:
+            writer.write(key, members)
+            n += 1
+        writer.close()
+        f.flush()
+        os.fsync(f.fileno())
+    if not n:
+        tmp.unlink()
+        return {}, 0
+    final = out / name
+    os.replace(tmp, final)
+    fsync_dir(out)
+    return member_offsets(final), final.stat().st_size
+
+
+def write_stats(out: Path, stats: ShardStats) -> None:
+    """`{shard}.stats.json`, atomically and last: from now on the shard counts as complete."""
+    write_json_atomic(out / stats_name(stats.shard), stats.to_json())
+    fsync_dir(out)
+
+
 def write_shard(job: ShardJob, spec: WriteSpec, progress: Callable[[int], None] | None = None) -> ShardOutcome:
     """Write one shard: tmp file, fsync, rename, offsets, stats last. Never raises."""
     out = Path(spec.out)
     outcome = ShardOutcome(job.name)
     try:
-        remove_leftovers(out, job.name)
-        tmp = out / f".{job.name}.tmp{os.getpid()}"
         entries: list[tuple[Utterance, float]] = []
         class_counts = Counter()
         modalities = Counter()
         duration = 0.0
-        with open(tmp, "wb") as f:
-            writer = TarSampleWriter(f)
+
+        def built() -> Iterable[tuple[str, dict[str, bytes]]]:
+            nonlocal duration
             for u in job.utterances:
                 try:
                     members, failures, audio_s = _build_sample(u, spec)
@@ -228,7 +259,7 @@ def write_shard(job: ShardJob, spec: WriteSpec, progress: Callable[[int], None] 
                         "modalities": [], "dropped": True, "detail": f"{type(e).__name__}: {e}"[:300]}], 0.0
                 outcome.skipped.extend(failures)
                 if members is not None:
-                    writer.write(u.key, members)
+                    yield u.key, members
                     entries.append((u, audio_s))
                     class_counts[u.label] += 1
                     meta = json.loads(members["json"])
@@ -236,18 +267,8 @@ def write_shard(job: ShardJob, spec: WriteSpec, progress: Callable[[int], None] 
                     duration += meta["duration"]
                 if progress is not None:
                     progress(1)
-            writer.close()
-            f.flush()
-            os.fsync(f.fileno())
-        final = out / job.name
-        if entries:
-            os.replace(tmp, final)
-            fsync_dir(out)
-            offsets = member_offsets(final)
-            size = final.stat().st_size
-        else:                      # every sample skipped: no tar, the stats alone mark it done
-            tmp.unlink()
-            offsets, size = {}, 0
+
+        offsets, size = write_tar(out, job.name, built())
         stats = ShardStats(
             shard=job.name, split=job.split,
             samples=[SampleEntry(u.key, u.label_id, offsets[u.key], round(a, 6)) for u, a in entries],
@@ -257,8 +278,7 @@ def write_shard(job: ShardJob, spec: WriteSpec, progress: Callable[[int], None] 
             duration=round(duration, 6),
             skipped=outcome.skipped,
         )
-        write_json_atomic(out / stats_name(job.name), stats.to_json())
-        fsync_dir(out)
+        write_stats(out, stats)
         outcome.samples = len(entries)
     except Exception as e:
         outcome.error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
