@@ -167,11 +167,12 @@ def embed_member(tokens: torch.Tensor) -> bytes:
 def _write_shard(out: Path, name: str, split: str, labels: list[str], rows: list[dict[str, Any]],
                  skipped: list[dict[str, Any]], modalities: tuple[str, ...]) -> None:
     """Tar to a temp file, fsync, rename, offsets, stats last (the packer's protocol and helpers)."""
+    from mmer_dist.data.decode import embedding_ext
     from mmer_dist.shards.writer import write_stats, write_tar
 
     offsets, size = write_tar(out, name, ((r["key"], r["members"]) for r in rows))
     counts = Counter(labels[r["label_id"]] for r in rows)
-    mods = Counter(m for r in rows for m in modalities if f"emb.{m}.npy" in r["members"])
+    mods = Counter(m for r in rows for m in modalities if embedding_ext(m) in r["members"])
     stats = ShardStats(
         shard=name, split=split,
         samples=[SampleEntry(r["key"], r["label_id"], offsets[r["key"]], r["duration"]) for r in rows],
@@ -188,7 +189,7 @@ def _embed_split(model: Any, cfg: Config, shards_in: Path, out: Path, split: str
     from torch.utils.data import DataLoader
 
     from mmer_dist.data.collate import Collator
-    from mmer_dist.data.decode import Skipped
+    from mmer_dist.data.decode import Skipped, embedding_ext
     from mmer_dist.data.pipeline import ShardDataset, build_decoder
 
     data_cfg = replace(cfg.data, modalities=modalities)
@@ -236,7 +237,7 @@ def _embed_split(model: Any, cfg: Config, shards_in: Path, out: Path, split: str
                     tokens, mask = feats[m]
                     if bool(mask[j].any()):
                         real = tokens[j][mask[j]]
-                        members[f"emb.{m}.npy"] = embed_member(real[0] if getattr(cfg.model, m).pooling != "tokens"
+                        members[embedding_ext(m)] = embed_member(real[0] if getattr(cfg.model, m).pooling != "tokens"
                                                                and real.shape[0] == 1 else real)
                 if not members:
                     skipped.append({"key": s["key"], "reason": "no_modality", "path": str(dataset.shards[jobs[k][1]]),
