@@ -35,7 +35,7 @@ class MetricsNotFoundError(FileNotFoundError):
 
 
 # --------------------------------------------------------------------------- plumbing
-def _figure(width: float, height: float) -> "Figure":
+def agg_figure(width: float, height: float) -> "Figure":
     """A Figure bound to the Agg canvas: no pyplot, no global backend switch."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -45,7 +45,8 @@ def _figure(width: float, height: float) -> "Figure":
     return fig
 
 
-def _save(fig: "Figure", path: str | Path) -> "Figure":
+def save_png(fig: "Figure", path: str | Path) -> "Figure":
+    """Save `fig` as a PNG at `path` (parent folders created); returns the Figure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
@@ -78,7 +79,7 @@ def plot_confusion(metrics: Mapping[str, Any], path: str | Path) -> "Figure":
 
     k = len(labels)
     side = max(4.0, 0.6 * k + 2.0)
-    fig = _figure(2 * side + 0.5, side)
+    fig = agg_figure(2 * side + 0.5, side)
     axes = fig.subplots(1, 2)
     panels = [(cm, "counts", lambda v: f"{int(v)}"), (norm, "row-normalised (recall)", lambda v: f"{v:.2f}")]
     for ax, (mat, title, fmt) in zip(axes, panels):
@@ -100,7 +101,7 @@ def plot_confusion(metrics: Mapping[str, Any], path: str | Path) -> "Figure":
     if "accuracy" in metrics:
         head += f"   accuracy {metrics['accuracy']:.3f}"
     fig.suptitle(f"Confusion matrix ({head})")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_per_class_f1(metrics: Mapping[str, Any], path: str | Path) -> "Figure":
@@ -109,7 +110,7 @@ def plot_per_class_f1(metrics: Mapping[str, Any], path: str | Path) -> "Figure":
     labels = _labels(metrics)
     pc = metrics["per_class"]
     f1 = [float(pc[name]["f1"]) for name in labels]
-    fig = _figure(max(5.0, 0.9 * len(labels) + 2.0), 4.0)
+    fig = agg_figure(max(5.0, 0.9 * len(labels) + 2.0), 4.0)
     ax = fig.subplots()
     bars = ax.bar(range(len(labels)), f1, color="tab:blue")
     for bar, v in zip(bars, f1):
@@ -123,7 +124,7 @@ def plot_per_class_f1(metrics: Mapping[str, Any], path: str | Path) -> "Figure":
     ax.set_ylabel("F1")
     ax.set_xlabel("class (support)")
     ax.set_title("Per-class F1")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def read_log(log_path: str | Path) -> tuple[list[dict[str, Any]], list[int]]:
@@ -170,7 +171,7 @@ def plot_curves(run_dir: str | Path, path: str | Path) -> "Figure":
     is_train = lambda s: s == "train"  # noqa: E731
     eval_splits = sorted({str(r.get("split")) for r in rows if r.get("split", "train") != "train"})
 
-    fig = _figure(13.0, 3.8)
+    fig = agg_figure(13.0, 3.8)
     ax_loss, ax_lr, ax_f1 = fig.subplots(1, 3)
 
     def empty(ax: Any, what: str) -> None:
@@ -217,7 +218,7 @@ def plot_curves(run_dir: str | Path, path: str | Path) -> "Figure":
     ax_f1.set_xlabel("step")
     ax_f1.set_ylabel("F1")
     fig.suptitle(f"Training curves: {Path(run_dir).resolve().name}")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # --------------------------------------------------------------------------- tables
@@ -362,7 +363,7 @@ def plot_compare(cmp: Mapping[str, Any], path: str | Path) -> "Figure":
     groups = [f"f1/{x}" for x in cmp["labels"]] + ["macro_f1"]
     ticks = list(cmp["labels"]) + ["macro-F1"]
     width = 0.8 / len(names)
-    fig = _figure(max(6.0, 0.5 * len(groups) * max(2, len(names)) + 2.0), 4.5)
+    fig = agg_figure(max(6.0, 0.5 * len(groups) * max(2, len(names)) + 2.0), 4.5)
     ax = fig.subplots()
     x = np.arange(len(groups))
     for i, n in enumerate(names):
@@ -374,7 +375,7 @@ def plot_compare(cmp: Mapping[str, Any], path: str | Path) -> "Figure":
     ax.set_ylabel("F1")
     ax.set_title("Per-class F1 by run")
     ax.legend(loc="upper center", ncol=len(names), fontsize=8)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def compare_main(args: argparse.Namespace) -> int:

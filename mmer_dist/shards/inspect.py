@@ -165,8 +165,7 @@ def format_summary(s: dict[str, Any]) -> str:
 
 def plot_classes(s: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """One bar chart per split (`{split}_classes.png`): counts, %, imbalance ratio in the title."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from mmer_dist.report import agg_figure, save_png
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -174,8 +173,7 @@ def plot_classes(s: dict[str, Any], out_dir: str | Path) -> list[Path]:
     for name, sp in s["splits"].items():
         labels = list(sp["classes"])
         counts = [sp["classes"][k] for k in labels]
-        fig = Figure(figsize=(max(5.0, 0.8 * len(labels) + 2), 3.6), dpi=100)
-        FigureCanvasAgg(fig)
+        fig = agg_figure(max(5.0, 0.8 * len(labels) + 2), 3.6)
         ax = fig.add_subplot(1, 1, 1)
         bars = ax.bar(range(len(labels)), counts, color="#4c72b0")
         for b, k in zip(bars, labels):
@@ -187,9 +185,8 @@ def plot_classes(s: dict[str, Any], out_dir: str | Path) -> list[Path]:
         ratio = f"{sp['imbalance_ratio']}x" if sp["imbalance_ratio"] else "-"
         ax.set_title(f"{s['corpus']} {name}: {sp['samples']} samples, imbalance {ratio}")
         ax.set_ylim(0, max(counts + [1]) * 1.25)
-        fig.tight_layout()
         path = out_dir / f"{name}_classes.png"
-        fig.savefig(path)
+        save_png(fig, path)
         paths.append(path)
     return paths
 
@@ -199,7 +196,7 @@ def inspect_main(args: argparse.Namespace) -> int:
     try:
         s = summarize(args.shards)
     except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"mmer-dist inspect: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     if getattr(args, "plots", ""):
         paths = plot_classes(s, args.plots)
