@@ -319,7 +319,8 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     model.train()
     stopped = False
     t_last, samples_last = time.time(), state.samples_seen
-    loss_window: list[float] = []
+    # [sum of micro-batch losses, their count] since the last log line, kept on the device: no host sync per step
+    loss_window = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     while state.step < total_steps and not stopped:
         train_loader.set_epoch(state.epoch)
         for batch in train_loader.iter_from(state.batches_in_epoch):
@@ -332,7 +333,8 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            loss_window.append(loss.item())
+            loss_window[0] += loss.detach().double()
+            loss_window[1] += 1
             state.samples_seen += len(batch["labels"]) * world
             # The state always names the next batch to consume, so a checkpoint taken now resumes after it.
             state.batches_in_epoch += 1
@@ -350,13 +352,14 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
                 bar.write(f"step {state.step}: encoders unfrozen ({', '.join(names)})")
             if state.step % cfg.train.log_every == 0:
                 now = time.time()
-                totals = dist.all_reduce_sum(torch.tensor([sum(loss_window), len(loss_window)], dtype=torch.float64))
+                totals = dist.all_reduce_sum(loss_window)
                 mean_loss = float(totals[0] / max(totals[1].item(), 1.0))
                 rate = (state.samples_seen - samples_last) / max(now - t_last, 1e-9)
                 log.write({"step": state.step, "epoch": state.epoch, "split": "train", "loss": mean_loss,
                            "lr": scheduler.get_last_lr()[0], "samples_per_s": rate})
                 bar.set_postfix(loss=f"{mean_loss:.3f}", samples_s=f"{rate:.0f}", refresh=False)
-                t_last, samples_last, loss_window = now, state.samples_seen, []
+                t_last, samples_last = now, state.samples_seen
+                loss_window.zero_()
             if state.step % eval_every == 0 or state.step >= total_steps:
                 run_eval()
             if stop.agreed(accelerator.device):
