@@ -124,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="delete existing output made with other arguments")
     p.set_defaults(func=_pack)
 
-    p = sub.add_parser("inspect", help="summarise a shards folder (splits, classes, modalities, skipped inputs)")
+    p = sub.add_parser("inspect", help="summarise a shards folder (splits, classes, modalities, skipped inputs)",
+                       description="Summarise a shards folder from its index files only (never opens a tar): "
+                                   "samples, classes and imbalance per split, modalities, skipped inputs by reason.")
     p.add_argument("shards", help="shards folder written by `mmer-dist pack` or `mmer-dist embed`")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the human summary")
     p.add_argument("--plots", default="", help="folder for per-split class-distribution PNGs (default: none)")
@@ -135,15 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("eval", help="evaluate a run or exported model on a split of a shards folder")
+    p = sub.add_parser("eval", help="evaluate a run or exported model on a split of a shards folder",
+                       description="Evaluate a trained model on one split: metrics.json (macro-F1 headline), "
+                                   "predictions.jsonl and plots in --out. Runs on any number of processes "
+                                   "(torchrun --nproc_per_node N -m mmer_dist.evaluate ...) with identical metrics.")
     p.add_argument("--model", required=True, help="run folder (uses its best checkpoint) or exported model folder")
     p.add_argument("--shards", required=True, help="shards folder")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--out", required=True, help="folder for metrics.json, predictions.jsonl and the plots")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="evaluation batch size per process (default: 32)")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("predict", help="emotion of one raw utterance (any subset of video, audio, text)")
+    p = sub.add_parser("predict", help="emotion of one raw utterance (any subset of video, audio, text)",
+                       description="Predict the emotion of one raw utterance, decoded exactly as in training "
+                                   "with the decode settings stored in the exported model.")
     p.add_argument("--model", required=True, help="run folder or exported model folder")
     p.add_argument("--video", default=None, help="video clip (mp4); its audio track is used when --audio is not given")
     p.add_argument("--audio", default=None, help="audio file (wav, flac, mp3, or a video's audio track)")
@@ -151,12 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_predict)
 
-    p = sub.add_parser("compare", help="side-by-side metrics of runs, per class (table and plot)")
+    p = sub.add_parser("compare", help="side-by-side metrics of runs, per class (table and plot)",
+                       description="Compare the metrics.json of several runs or evaluations: a table of the "
+                                   "headline metrics and per-class F1, optionally compare.png and compare.json.")
     p.add_argument("runs", nargs="+", help="run folders, eval folders or metrics.json files")
     p.add_argument("--out", default="", help="folder for compare.png and compare.json (default: none)")
     p.set_defaults(func=_compare)
 
-    p = sub.add_parser("embed", help="precompute frozen-encoder embeddings into embedding shards")
+    p = sub.add_parser("embed", help="precompute frozen-encoder embeddings into embedding shards",
+                       description="Run the frozen encoders of a config once over media shards and write embedding "
+                                   "shards (same keys and splits) to train kind=cached models on. Resumable: run the "
+                                   "same command again; with torchrun -m mmer_dist.embed each rank embeds its shards.")
     p.add_argument("--config", required=True, help="preset name or YAML naming the encoders")
     p.add_argument("--shards", required=True, help="media shards folder")
     p.add_argument("--out", required=True, help="embedding shards folder")
