@@ -51,7 +51,7 @@ import torch
 from mmer_dist import dist
 from mmer_dist.config import Config, ConfigError, load_config, replace, to_dict
 from mmer_dist.shards.schema import (INDEX_FILE, META_EXT, SKIPPED_FILE, SampleEntry, ShardIndex, ShardStats,
-                                     SplitIndex, load_index, stats_name, write_json_atomic)
+                                     SplitIndex, load_index, read_stats, write_json_atomic)
 
 EMBED_FILE = "embed.json"
 EMBED_PROFILE = "embeddings"
@@ -302,7 +302,7 @@ def _merge(out: Path, shards_in: Path, index_in: ShardIndex, plan: list[tuple[st
     dropped: Counter = Counter()
     files: dict[str, list[str]] = {}
     for split, name, _ in plan:
-        stats = ShardStats.from_json(json.loads((out / stats_name(name)).read_text(encoding="utf-8")))
+        stats = read_stats(out, name)
         for s in stats.skipped:
             dropped[s["reason"]] += 1
             files.setdefault(s["reason"], []).append(f"{s['key']} ({s['path']}): {s['detail']}")

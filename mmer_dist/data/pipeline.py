@@ -47,7 +47,6 @@ padded by repeats flagged in `batch["pad"]`; drop the flagged rows before any re
 
 from __future__ import annotations
 
-import json
 import os
 import zlib
 from collections import Counter
@@ -62,7 +61,7 @@ from mmer_dist.config import DataConfig, SamplerConfig
 from mmer_dist.data.collate import Collator, bucket_batches
 from mmer_dist.data.decode import Decoder, DecodeError, Skipped
 from mmer_dist.data.sampler import DistributedWeightedSampler, class_weights, eval_indices, sample_weights
-from mmer_dist.shards.schema import SampleEntry, ShardStats, load_index, split_index, stats_name
+from mmer_dist.shards.schema import SampleEntry, load_index, read_stats, split_index, stats_name
 
 if TYPE_CHECKING:       # stream.py builds on this module; build_train_loader imports it when asked for it
     from mmer_dist.data.stream import StreamLoader
@@ -93,8 +92,7 @@ class ShardDataset(Dataset):
             if not path.exists():
                 raise FileNotFoundError(f"{path} missing: the index lists shard {name} but its stats file (member "
                                         f"offsets) is gone; re-run the same `mmer-dist pack` command to redo it")
-            with open(path, encoding="utf-8") as f:
-                stats = ShardStats.from_json(json.load(f))
+            stats = read_stats(self.root, name)
             if len(stats.samples) != size:
                 raise ValueError(f"{path}: {len(stats.samples)} samples but index.json says {size}; "
                                  f"the index is stale: re-run `mmer-dist pack` to merge it again")

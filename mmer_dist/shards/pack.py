@@ -63,7 +63,7 @@ from mmer_dist.corpora.record import ReadReport
 from mmer_dist.shards import media
 from mmer_dist.shards.plan import PackConfig, PackError, ShardJob, parse_bytes, plan_shards, reader_options_for
 from mmer_dist.shards.schema import (
-    INDEX_FILE, PACK_FILE, SKIPPED_FILE, ShardIndex, ShardStats, SplitIndex, stats_name, write_json_atomic,
+    INDEX_FILE, PACK_FILE, SKIPPED_FILE, ShardIndex, SplitIndex, read_stats, write_json_atomic,
 )
 from mmer_dist.shards.writer import ShardOutcome, WriteSpec, is_complete, write_shard
 
@@ -144,7 +144,7 @@ def merge(out: str | Path, jobs: list[ShardJob], cfg: PackConfig, report: ReadRe
     media_degraded: Counter = Counter()
     files: dict[str, list[str]] = {}
     for job in jobs:
-        stats = ShardStats.from_json(json.loads((out / stats_name(job.name)).read_text(encoding="utf-8")))
+        stats = read_stats(out, job.name)
         for s in stats.skipped:
             (media_skipped if s["dropped"] else media_degraded)[s["reason"]] += 1
             files.setdefault(s["reason"], []).append(f"{s['path']} ({s['key']}: {'/'.join(s['modalities'])})")
@@ -406,8 +406,8 @@ def summary(res: PackResult) -> str:
             lines.append(f"  {split}: {si.num_samples} samples in {len(si.shards)} shards, "
                          f"{si.bytes / 1e6:.1f} MB, {si.duration / 3600:.2f} h, modalities {si.modalities}")
     else:
-        lines.append(f"  not merged yet: other tasks' shards are missing; run `mmer-dist pack ... --merge-only` "
-                     f"after they finish")
+        lines.append("  not merged yet: other tasks' shards are missing; run `mmer-dist pack ... --merge-only` "
+                     "after they finish")
     for name, counts in (("dropped", res.dropped), ("degraded (kept without a modality)", res.degraded)):
         if counts:
             lines.append(f"  inputs {name}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))

@@ -149,6 +149,12 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def read_stats(shards_dir: str | Path, shard: str) -> ShardStats:
+    """The `{shard}.stats.json` of shard `shard` in `shards_dir`."""
+    with open(Path(shards_dir) / stats_name(shard), encoding="utf-8") as f:
+        return ShardStats.from_json(json.load(f))
+
+
 def load_index(shards_dir: str | Path) -> ShardIndex:
     """Read `index.json` of a shards folder, with an error that says how to make one."""
     path = Path(shards_dir) / INDEX_FILE
