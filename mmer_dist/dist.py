@@ -142,21 +142,22 @@ def _device_for_comm() -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum of `t` over ranks (a new tensor on `t`'s device; `t` itself is unchanged)."""
+def _all_reduce(t: torch.Tensor, op: Any) -> torch.Tensor:
     if not is_initialized():
         return t.clone()
     out = t.detach().to(_device_for_comm()).clone()
-    torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM)
+    torch_dist.all_reduce(out, op=op)
     return out.to(t.device)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of `t` over ranks (a new tensor on `t`'s device; `t` itself is unchanged)."""
+    return _all_reduce(t, torch_dist.ReduceOp.SUM)
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if not is_initialized():
-        return t.clone()
-    out = t.detach().to(_device_for_comm()).clone()
-    torch_dist.all_reduce(out, op=torch_dist.ReduceOp.MAX)
-    return out.to(t.device)
+    """Element-wise maximum of `t` over ranks (a new tensor on `t`'s device)."""
+    return _all_reduce(t, torch_dist.ReduceOp.MAX)
 
 
 def all_gather_object(obj: Any) -> list[Any]:
