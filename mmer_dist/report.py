@@ -24,10 +24,10 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from mmer_dist.train.metrics import HEADLINE
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-HEADLINE = ("macro_f1", "weighted_f1", "accuracy", "uar")
 
 
 class MetricsNotFoundError(FileNotFoundError):

@@ -138,12 +138,13 @@ class ShardIndex:
         return cls(**data)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any, indent: int = 1) -> None:
     """Write JSON so that readers never see a half-written file (tmp + fsync + rename)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, ensure_ascii=False)
+        json.dump(data, f, indent=indent, ensure_ascii=False)
+        f.write("\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -232,6 +232,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     from mmer_dist.models import build_model
     from mmer_dist.models.encoders import build_tokenizer
     from mmer_dist.models.heads import build_loss
+    from mmer_dist.train.metrics import HEADLINE
     from mmer_dist.train.optim import add_unfrozen_params, apply_freeze_schedule, build_optimizer, build_scheduler
 
     run_dir = Path(run_dir)
@@ -265,7 +266,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
                                       world_size=world, seed=cfg.train.seed)
     eval_loader = build_eval_loader(cfg.data.shards, cfg.data, tokenizer, split=cfg.data.eval_split,
                                     rank=rank, world_size=world)
-    eval_keys = split_index(index, cfg.data.eval_split).keys
+    eval_keys = split_index(index, cfg.data.eval_split, cfg.data.shards).keys
     batches_per_epoch = len(train_loader)
     steps_per_epoch = max(1, batches_per_epoch // cfg.train.grad_accum)
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
@@ -305,7 +306,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         metrics = run_eval_loader(model, eval_loader, labels, accelerator.device, loss_fn, eval_keys).metrics
         per_class = {k: v["f1"] for k, v in metrics["per_class"].items()}
         log.write({"step": state.step, "epoch": state.epoch, "split": cfg.data.eval_split,
-                   **{k: metrics[k] for k in ("macro_f1", "weighted_f1", "accuracy", "uar", "loss")}}, per_class)
+                   **{k: metrics[k] for k in (*HEADLINE, "loss")}}, per_class)
         if main:
             bar.write(f"step {state.step}: {cfg.data.eval_split} macro-F1 {metrics['macro_f1']:.3f} "
                       f"weighted-F1 {metrics['weighted_f1']:.3f} acc {metrics['accuracy']:.3f}")
@@ -384,7 +385,8 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     final = _final_metrics(run_dir, cfg, accelerator, model, eval_loader, labels, loss_fn, eval_keys, state)
     log.close()
-    accelerator.end_training() if hasattr(accelerator, "end_training") else None
+    if hasattr(accelerator, "end_training"):
+        accelerator.end_training()
     return final
 
 
@@ -395,10 +397,11 @@ def _final_metrics(run_dir: Path, cfg: Config, accelerator: Any, model: Any, eva
     from safetensors.torch import load_file
 
     from mmer_dist.shards.schema import write_json_atomic
-    from mmer_dist.train.checkpoint import load_exported
+    from mmer_dist.train.checkpoint import EXPORT_WEIGHTS, load_exported
+    from mmer_dist.train.metrics import write_metrics
 
     best_dir = run_dir / "best"
-    if not (best_dir / "model.safetensors").exists():   # no evaluation ran (e.g. resumed at the last step)
+    if not (best_dir / EXPORT_WEIGHTS).exists():   # no evaluation ran (e.g. resumed at the last step)
         sd = _unwrapped_state_dict(accelerator, model)
         if accelerator.is_main_process:
             export_model(sd, cfg.model, cfg.data, labels, best_dir, {"step": state.step})
@@ -411,13 +414,13 @@ def _final_metrics(run_dir: Path, cfg: Config, accelerator: Any, model: Any, eva
     metrics.update({"split": cfg.data.eval_split, "best_step": state.best_step, "steps": state.step,
                     "samples_seen": state.samples_seen, "shards": str(cfg.data.shards)})
     if accelerator.is_main_process:
-        write_json_atomic(run_dir / "metrics.json", metrics)
+        write_metrics(metrics, run_dir / "metrics.json")     # the format `mmer-dist eval` writes
         write_json_atomic(run_dir / "train_state.json", {**state.to_json(), "param_checksums": checksums,
                                                         "world_size": accelerator.num_processes})
         if len(set(checksums)) > 1 and (accelerator.state.deepspeed_plugin is None
                                         or accelerator.state.deepspeed_plugin.zero_stage < 3):
             print(f"WARNING: model replicas differ across ranks after training: {checksums}", file=sys.stderr)
-        export_model(load_file(str(best_dir / "model.safetensors")), cfg.model, cfg.data, labels, run_dir / "export",
+        export_model(load_file(str(best_dir / EXPORT_WEIGHTS)), cfg.model, cfg.data, labels, run_dir / "export",
                      {"step": state.best_step, "macro_f1": metrics["macro_f1"], "split": cfg.data.eval_split})
         print(f"done: {cfg.data.eval_split} macro-F1 {metrics['macro_f1']:.4f} (best step {state.best_step}); "
               f"model exported to {run_dir / 'export'}; metrics in {run_dir / 'metrics.json'}", flush=True)

@@ -43,6 +43,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from mmer_dist.shards.schema import write_json_atomic
+
 HEADLINE = ("macro_f1", "weighted_f1", "accuracy", "uar")
 
 
@@ -307,9 +309,7 @@ def write_metrics(metrics: Mapping[str, Any], path: str | Path) -> Path:
     """metrics.json, indented, keys in insertion order (headline first)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)  # readers never see a half-written file
+    write_json_atomic(path, metrics, indent=2)  # readers never see a half-written file
     return path
 
 
