@@ -42,9 +42,14 @@ from mmer_dist.config import DataConfig
 from mmer_dist.data.decode import Skipped
 
 
-def _pad_1d(rows: list[torch.Tensor | None], dtype: torch.dtype, pad_value: float | int) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad_rows(rows: list[torch.Tensor | None], dtype: torch.dtype, pad_value: float | int,
+            tail: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack rows [L_i, *tail] into [B, max L, *tail] filled with `pad_value`, and the [B, max L] mask of real rows.
+
+    A None row (modality absent) is all padding; with no row at all, max L is 1 so shapes stay valid.
+    """
     length = max([r.shape[0] for r in rows if r is not None] + [1])
-    out = torch.full((len(rows), length), pad_value, dtype=dtype)
+    out = torch.full((len(rows), length, *tail), pad_value, dtype=dtype)
     mask = torch.zeros((len(rows), length), dtype=torch.bool)
     for i, r in enumerate(rows):
         if r is not None and r.shape[0] > 0:
@@ -62,15 +67,8 @@ def collate_embeddings(samples: list[dict[str, Any]], modalities: Sequence[str])
         if len(widths) > 1:
             raise ValueError(f"{m} features of different widths {sorted(widths)} in one batch: the shards mix "
                              f"embeddings of several encoders; re-run `mmer-dist embed` into a fresh folder")
-        d = widths.pop() if widths else 1
-        t = max([int(r.shape[0]) for r in rows if r is not None] + [1])
-        values = torch.zeros((len(rows), t, d), dtype=torch.float32)
-        mask = torch.zeros((len(rows), t), dtype=torch.bool)
-        for i, r in enumerate(rows):
-            if r is not None and r.shape[0] > 0:
-                values[i, : r.shape[0]] = r.to(torch.float32)
-                mask[i, : r.shape[0]] = True
-        out[f"{m}_emb"], out[f"{m}_emb_mask"] = values, mask
+        width = widths.pop() if widths else 1
+        out[f"{m}_emb"], out[f"{m}_emb_mask"] = _pad_rows(rows, torch.float32, 0.0, tail=(width,))
     return out
 
 
@@ -103,9 +101,9 @@ class Collator:
         embedded = [m for m in self.modalities if any(f"{m}_emb" in s for s in samples)]
         batch.update(collate_embeddings(samples, embedded))
         if "text" in self.modalities and "text" not in embedded:
-            batch["text_ids"], batch["text_mask"] = _pad_1d([s.get("text_ids") for s in samples], torch.long, self.pad_id)
+            batch["text_ids"], batch["text_mask"] = _pad_rows([s.get("text_ids") for s in samples], torch.long, self.pad_id)
         if "audio" in self.modalities and "audio" not in embedded:
-            batch["audio"], batch["audio_mask"] = _pad_1d([s.get("audio") for s in samples], torch.float32, 0.0)
+            batch["audio"], batch["audio_mask"] = _pad_rows([s.get("audio") for s in samples], torch.float32, 0.0)
         if "video" in self.modalities and "video" not in embedded:
             video = torch.zeros((len(samples), self.frames, 3, self.size, self.size), dtype=torch.float32)
             vmask = torch.zeros((len(samples), self.frames), dtype=torch.bool)
