@@ -54,6 +54,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # soundfile (libsndfile) handles these directly and fast; everything else goes through PyAV.
 SOUNDFILE_EXTS = ("flac", "wav", "ogg")
 
+NO_TOKENIZER = ("text is in data.modalities but no tokenizer was given "
+                "(pass mmer_dist.models.encoders.build_tokenizer(cfg.model.text))")
+
 
 @dataclass(frozen=True)
 class Skipped:
@@ -329,8 +332,7 @@ def decode_sample(members: dict[str, Any], cfg_data: DataConfig, tokenizer: Call
         out["text_ids"] = None
         if members.get(TEXT_EXT) is not None:
             if tokenizer is None:
-                raise ValueError("text is in data.modalities but no tokenizer was given "
-                                 "(pass mmer_dist.models.encoders.build_tokenizer(cfg.model.text))")
+                raise ValueError(NO_TOKENIZER)
             out["text_ids"] = decode_text(members[TEXT_EXT], tokenizer, cfg_data.max_text_tokens, key)
             if out["text_ids"] is None:
                 out["degraded"].append("text_empty")
@@ -374,8 +376,7 @@ class Decoder:
     def __init__(self, cfg_data: DataConfig, tokenizer: Callable[..., Any] | None, train: bool,
                  seed: int = 0, epoch: int = 0) -> None:
         if "text" in cfg_data.modalities and tokenizer is None:
-            raise ValueError("text is in data.modalities but no tokenizer was given "
-                             "(pass mmer_dist.models.encoders.build_tokenizer(cfg.model.text))")
+            raise ValueError(NO_TOKENIZER)
         self.cfg = cfg_data
         self.tokenizer = tokenizer
         self.train = train
