@@ -49,13 +49,13 @@ def inverse_frequency_weights(class_counts: Sequence[int]) -> Tensor:
 
 
 def effective_number_weights(class_counts: Sequence[int], beta: float) -> Tensor:
-    """Cui et al. 2019: w_c = (1 - beta) / (1 - beta^{n_c}), scaled so the present classes' weights sum to C'."""
-    counts = torch.as_tensor(list(class_counts), dtype=torch.float64)
-    present = counts > 0
-    w = torch.zeros_like(counts)
-    w[present] = (1.0 - beta) / (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), counts[present]))
-    w = w / w.sum() * present.sum()
-    return w.float()
+    """Cui et al. 2019: w_c = (1 - beta) / (1 - beta^{n_c}), scaled so the present classes' weights sum to C'.
+
+    The sampler's `effective_number` weighting (mmer_dist.data.sampler.class_weights), as float32.
+    """
+    from mmer_dist.data.sampler import class_weights
+
+    return torch.from_numpy(class_weights(list(class_counts), "effective_number", beta=beta)).float()
 
 
 class CrossEntropyLoss(nn.Module):
