@@ -57,18 +57,17 @@ def preflight(cfg: Config, run_dir: Path) -> None:
     from mmer_dist.shards.schema import load_index, split_index
 
     index = load_index(cfg.data.shards)
-    for split in (cfg.data.train_split, cfg.data.eval_split):
-        split_index(index, split, cfg.data.shards)
+    train = split_index(index, cfg.data.train_split, cfg.data.shards)
+    split_index(index, cfg.data.eval_split, cfg.data.shards)         # a missing eval split fails now, not after training
     from mmer_dist.models.cached import check_embeddings
 
     # model.<m>.kind=cached needs embeddings of the encoder it names; hf/scratch encoders need media
     check_embeddings(index.extra, cfg.model, cfg.data.modalities, cfg.data.shards)
-    present = index.splits[cfg.data.train_split].modalities
+    present = train.modalities
     if not any(present.get(m, 0) for m in cfg.data.modalities):
         raise ConfigError(f"data.modalities={list(cfg.data.modalities)} but the shards in {cfg.data.shards} hold "
                           f"{ {k: v for k, v in present.items() if v} }; choose modalities the shards have")
     world = world_info().world_size
-    train = index.splits[cfg.data.train_split]
     if cfg.data.loader == "stream":
         from mmer_dist.data.stream import StreamPlan
 
