@@ -58,7 +58,7 @@ def preflight(cfg: Config, run_dir: Path) -> None:
 
     index = load_index(cfg.data.shards)
     train = split_index(index, cfg.data.train_split, cfg.data.shards)
-    split_index(index, cfg.data.eval_split, cfg.data.shards)         # a missing eval split fails now, not after training
+    split_index(index, cfg.data.eval_split, cfg.data.shards)         # a missing eval split fails before any process starts
     from mmer_dist.models.cached import check_embeddings
 
     # model.<m>.kind=cached needs embeddings of the encoder it names; hf/scratch encoders need media
