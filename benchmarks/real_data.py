@@ -80,7 +80,8 @@ def steps(out: Path, data: Path, nproc: int) -> list[Step]:
                   "shards/ravdess/index.json"))
     ravdess_runs = {"ravdess-audio": [],
                     # the first run (lr 1e-3, 30 epochs: what the preset said then), kept for the record
-                    "ravdess-audio-first": ["optim.lr=1e-3", "optim.encoder_lr=1e-3", "train.epochs=30"]}
+                    "ravdess-audio-first": ["optim.lr=1e-3", "optim.encoder_lr=1e-3", "train.epochs=30"],
+                    "ravdess-audio-120ep": ["train.epochs=120"]}
     for i, (name, extra) in enumerate(ravdess_runs.items()):
         run = f"{o}/runs/{name}"
         s.append(Step(name, torchrun(nproc, 29660 + i, "--config", "ravdess_audio", "--shards", rav, "--out", run,
@@ -94,15 +95,16 @@ def steps(out: Path, data: Path, nproc: int) -> list[Step]:
                                          "--test-actors", "5"),
                   "shards/ravdess-original-a05/index.json"))
     synth, synth_shards, synth_run = f"{o}/synth-ravdess", f"{o}/shards/synth-ravdess", f"{o}/runs/synth-ravdess-av"
-    s.append(Step("synth-ravdess", mmer("synth", "ravdess", "--out", synth, "--n", "240"), "synth-ravdess"))
+    s.append(Step("synth-ravdess", mmer("synth", "ravdess", "--out", synth, "--n", "720"), "synth-ravdess"))
     s.append(Step("synth-pack", mmer("pack", "ravdess", "--root", synth, "--out", synth_shards),
                   "shards/synth-ravdess/index.json"))
     s.append(Step("synth-train", torchrun(nproc, 29665, "--config", "demo", "--shards", synth_shards, "--out", synth_run,
-                                          "data.modalities=[text,audio,video]", "train.epochs=6"),
+                                          "data.modalities=[text,audio,video]", "train.epochs=8"),
                   "runs/synth-ravdess-av/metrics.json", metrics="runs/synth-ravdess-av/metrics.json", env=one))
     av = sorted((data / "ravdess-original" / "Actor_05").glob("01-*.mp4"))
     wav = sorted((data / "ravdess-original" / "Actor_05").glob("03-*.wav"))
     if av and wav:
+        s.append(Step("originals-decode", [PY, str(REPO / "benchmarks" / "real_data.py"), "--decode-check", orig], ""))
         s.append(Step("predict-video", mmer("predict", "--model", synth_run, "--video", str(av[0]), "--json"), ""))
         s.append(Step("predict-video-audio", mmer("predict", "--model", synth_run, "--video", str(av[0]),
                                                   "--audio", str(wav[0]), "--json"), ""))
@@ -134,9 +136,9 @@ def run_step(step: Step, out: Path, env_info: dict[str, Any]) -> dict[str, Any]:
                               "load_after": round(os.getloadavg()[0], 2),
                               "command": " ".join(f"{k}={v}" for k, v in step.env.items()) + (" " if step.env else "")
                               + shlex.join(step.argv), "log": str(log)}
-    if step.name.startswith("predict") and proc.returncode == 0:
+    if (step.name.startswith("predict") or step.name == "originals-decode") and proc.returncode == 0:
         lines = [ln for ln in log.read_text().splitlines() if ln.startswith("{")]
-        record["prediction"] = json.loads(lines[-1]) if lines else None
+        record["output"] = json.loads(lines[-1]) if lines else None
     if step.metrics and (out / step.metrics).exists():
         m = json.loads((out / step.metrics).read_text())
         record["metrics"] = {k: m[k] for k in ("macro_f1", "weighted_f1", "accuracy", "uar") if k in m}
@@ -146,6 +148,39 @@ def run_step(step: Step, out: Path, env_info: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+def decode_check(shards: str) -> dict[str, Any]:
+    """Decode every sample of every split of `shards` through the training input pipeline (eval
+    loader, all three modalities) and summarise what came out: proof the packed formats decode."""
+    import torch
+
+    from mmer_dist.config import DataConfig, EncoderConfig
+    from mmer_dist.data.pipeline import build_eval_loader
+    from mmer_dist.models.encoders import build_tokenizer
+    from mmer_dist.shards.schema import load_index
+
+    cfg = DataConfig(shards=shards, modalities=("text", "audio", "video"), eval_batch_size=8, max_audio_seconds=8.0,
+                     video_frames=8, video_size=112)
+    tok = build_tokenizer(EncoderConfig(kind="hf", pretrained="minilm", size="small"))
+    out: dict[str, Any] = {}
+    for split in load_index(shards).splits:
+        n, present, secs, frames, skipped = 0, {"text": 0, "audio": 0, "video": 0}, [], [], {}
+        for batch in build_eval_loader(shards, cfg, tok, split=split, rank=0, world_size=1):
+            keep = ~batch["pad"]
+            n += int(keep.sum())
+            for k, v in batch["skipped"].items():
+                skipped[k] = skipped.get(k, 0) + v
+            for m in present:
+                present[m] += int(batch[f"{m}_mask"][keep].any(1).sum())
+            secs += (batch["audio_mask"][keep].sum(1).float() / cfg.sample_rate).tolist()
+            frames += batch["video_mask"][keep].sum(1)[batch["video_mask"][keep].any(1)].tolist()
+            assert torch.isfinite(batch["audio"]).all() and torch.isfinite(batch["video"]).all()
+        out[split] = {"samples": n, "present": present, "skipped": skipped,
+                      "audio_seconds": [round(min(secs), 2), round(max(secs), 2)] if secs else [],
+                      "video_frames": sorted(set(int(f) for f in frames)),
+                      "video_tensor": [cfg.video_frames, 3, cfg.video_size, cfg.video_size]}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="/tmp/mmer-real", help="outputs: shards, runs, logs (never the repository)")
@@ -153,7 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="", help="comma list of step names (default: all)")
     p.add_argument("--nproc", type=int, default=2, help="training processes (torchrun)")
     p.add_argument("--list", action="store_true", help="print the steps and their commands, run nothing")
+    p.add_argument("--decode-check", default="", metavar="SHARDS",
+                   help="decode every sample of SHARDS (all modalities) and print a summary; run nothing else")
     args = p.parse_args(argv)
+    if args.decode_check:
+        print(json.dumps({"decode_check": args.decode_check, "splits": decode_check(args.decode_check)}))
+        return 0
     out, data = Path(args.out), Path(args.data)
     if not (data / "meld").is_dir() or not (data / "ravdess").is_dir():
         print(json.dumps({"skipped": f"no real data at {data} (need meld/ and ravdess/)"}))
