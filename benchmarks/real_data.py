@@ -99,7 +99,7 @@ def steps(out: Path, data: Path, nproc: int) -> list[Step]:
     s.append(Step("synth-pack", mmer("pack", "ravdess", "--root", synth, "--out", synth_shards),
                   "shards/synth-ravdess/index.json"))
     s.append(Step("synth-train", torchrun(nproc, 29665, "--config", "demo", "--shards", synth_shards, "--out", synth_run,
-                                          "data.modalities=[text,audio,video]", "train.epochs=8"),
+                                          "data.modalities=[text,audio,video]", "train.epochs=30"),
                   "runs/synth-ravdess-av/metrics.json", metrics="runs/synth-ravdess-av/metrics.json", env=one))
     av = sorted((data / "ravdess-original" / "Actor_05").glob("01-*.mp4"))
     wav = sorted((data / "ravdess-original" / "Actor_05").glob("03-*.wav"))
