@@ -147,6 +147,9 @@ class EncoderConfig:
     """Dropout inside from-scratch and random-init (debug) encoders; pretrained ones keep their own."""
     pooling: str = "tokens"
     """tokens: hand the fusion the token sequence; mean/cls: one pooled vector."""
+    spec_augment: bool = False
+    """model.audio with kind=scratch only: SpecAugment in training (2 frequency masks of up to 8 mel bands
+    and 2 time masks of up to 0.2 s per utterance, on the normalised log-mel; no time warping)."""
     dim: int = 0
     """kind=cached only: width D of the stored features; 0 = that of the encoder named by pretrained/size
     (read from its config; set it when that encoder is not available here, e.g. model.text.dim=768)."""
@@ -204,6 +207,11 @@ class ModelConfig:
             _check_choice("model.modalities item", m, MODALITIES)
         _check(self.num_classes >= 2, "model.num_classes must be >= 2")
         _check(self.text.kind != "scratch", "model.text.kind=scratch does not exist; use hf (or cached)")
+        _check(not (self.text.spec_augment or self.video.spec_augment),
+               "spec_augment is an audio option: set model.audio.spec_augment, not model.text/video")
+        _check(not self.audio.spec_augment or self.audio.kind == "scratch",
+               f"model.audio.spec_augment=true needs model.audio.kind=scratch (got {self.audio.kind!r}: hf speech "
+               f"models run with their own SpecAugment disabled, cached features are fixed)")
 
 
 @dataclass(frozen=True)

@@ -113,12 +113,34 @@ def build_audio_hf(cfg: EncoderConfig, sample_rate: int) -> Encoder:
     return HFAudioEncoder(cfg, backbone, source)
 
 
-class ScratchAudioEncoder(Encoder):
-    """Log-mel (25 ms window, 10 ms hop) -> 2 strided convs (40 ms tokens) -> transformer. Trains on CPU.
+def spec_augment(feats: Tensor, frames: Tensor, masks: int = 2, max_bands: int = 8, max_frames: int = 20) -> Tensor:
+    """SpecAugment (Park et al. 2019) without time warping, on normalised log-mel feats [B, n_mels, T].
 
-    Frames are computed without centering, so a frame is real only when its whole window lies in the
-    real samples; features are normalised per utterance over real frames and padded frames are zeroed
-    before every convolution, so padding never reaches a real token.
+    Per row: `masks` frequency masks of 0..max_bands mel bands and `masks` time masks of 0..max_frames
+    frames, placed uniformly inside the row's `frames` real frames, set to 0 (the utterance mean).
+    """
+    b, n_mels, t = feats.shape
+    dev = feats.device
+    band, step = torch.arange(n_mels, device=dev)[None, :, None], torch.arange(t, device=dev)[None, None, :]
+    hidden = torch.zeros_like(feats, dtype=torch.bool)
+    for _ in range(masks):
+        width = torch.randint(0, max_bands + 1, (b, 1, 1), device=dev)
+        start = (torch.rand(b, 1, 1, device=dev) * (n_mels - width + 1)).long()
+        hidden |= (band >= start) & (band < start + width)
+        width = torch.minimum(torch.randint(0, max_frames + 1, (b, 1, 1), device=dev), frames.view(b, 1, 1))
+        start = (torch.rand(b, 1, 1, device=dev) * (frames.view(b, 1, 1) - width + 1)).long()
+        hidden |= (step >= start) & (step < start + width)
+    return feats.masked_fill(hidden, 0.0)
+
+
+class ScratchAudioEncoder(Encoder):
+    """Log-mel (25 ms window, 10 ms hop) -> 2 strided convs (40 ms tokens) -> LayerNorm -> transformer.
+
+    Trains on CPU. Frames are computed without centering, so a frame is real only when its whole window
+    lies in the real samples; features are normalised per utterance over real frames and padded frames
+    are zeroed before every convolution, so padding never reaches a real token. The LayerNorm puts the
+    conv output on a fixed scale beside the unit-amplitude sinusoidal positions; without it, and with a
+    per-band feature normalisation, the model sat at chance for its first ~150 steps on RAVDESS. `cfg.spec_augment` masks frequency bands and time spans in training (`spec_augment`).
     """
 
     input_keys = ("audio", "audio_mask")
@@ -138,6 +160,7 @@ class ScratchAudioEncoder(Encoder):
         dim = size["dim"]
         self.conv1 = nn.Conv1d(size["n_mels"], dim, kernel_size=3, stride=2, padding=1)
         self.conv2 = nn.Conv1d(dim, dim, kernel_size=3, stride=2, padding=1)
+        self.conv_norm = nn.LayerNorm(dim)
         self.transformer = TokenTransformer(dim, size["layers"], size["heads"], cfg.dropout)
         self.transformer.gradient_checkpointing = cfg.gradient_checkpointing
 
@@ -164,17 +187,22 @@ class ScratchAudioEncoder(Encoder):
                 self._melspec.to(wav.device)  # in place
             feats = torch.log(self._melspec(wav.float()) + 1e-6)  # [B, n_mels, T]
             fmask = lengths_to_mask(self._frames(run_lengths), feats.shape[2])[:, None, :].float()
-            n = fmask.sum(2, keepdim=True).clamp(min=1.0)
-            mean = (feats * fmask).sum(2, keepdim=True) / n
-            std = torch.sqrt((((feats - mean) * fmask) ** 2).sum(2, keepdim=True) / n + 1e-5)
+            # One mean and variance per utterance over all bands and real frames: a per-band
+            # normalisation would erase the long-term spectral envelope (tilt, upper-band energy), an
+            # emotion cue. On RAVDESS (held-out actors) this trained faster with the same dev accuracy.
+            n = fmask.sum((1, 2), keepdim=True).clamp(min=1.0) * feats.shape[1]
+            mean = (feats * fmask).sum((1, 2), keepdim=True) / n
+            std = torch.sqrt((((feats - mean) * fmask) ** 2).sum((1, 2), keepdim=True) / n + 1e-5)
             feats = (feats - mean) / std * fmask
+            if self.cfg.spec_augment and self.training:
+                feats = spec_augment(feats, self._frames(lengths))
         x = feats.to(self.conv1.weight.dtype)
         run1 = self._half(self._frames(run_lengths))
         x = F.gelu(self.conv1(x)) * lengths_to_mask(run1, (x.shape[2] - 1) // 2 + 1)[:, None, :].to(x.dtype)
         run2 = self._half(run1)
         x = F.gelu(self.conv2(x))
         run_mask = lengths_to_mask(run2, x.shape[2])
-        x = x.transpose(1, 2) * run_mask[..., None].to(x.dtype)
+        x = self.conv_norm(x.transpose(1, 2)) * run_mask[..., None].to(x.dtype)
         x = x + sinusoidal_positions(x.shape[1], x.shape[2], x.device, x.dtype)
         tokens = self.transformer(x, run_mask)
         return tokens, lengths_to_mask(self._half(self._half(self._frames(lengths))), x.shape[1])

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from mmer_dist.config import ConfigError, EncoderConfig, FusionConfig, ModelConfig, OptimConfig, replace
 from mmer_dist.models import build_model, build_tokenizer
+from mmer_dist.models.audio import spec_augment
 from mmer_dist.models.encoders import EncoderLoadError, build_encoder, example_batch
 from mmer_dist.models.fusion import pool_tokens
 from mmer_dist.train.optim import build_optimizer
@@ -159,6 +160,34 @@ def test_audio_frame_mask_follows_sample_mask():
     assert torch.equal(mask.sum(1), (((frames - 1) // 2 + 1) - 1) // 2 + 1)  # 10 ms frames, two stride-2 convs
 
 
+def test_spec_augment_masks_only_inside_real_frames():
+    torch.manual_seed(0)
+    feats = torch.randn(64, 32, 50) + 10.0       # no feature is 0 before masking
+    frames = torch.randint(0, 51, (64,))
+    out = spec_augment(feats, frames, masks=2, max_bands=4, max_frames=6)
+    hidden = out == 0
+    bands = hidden.all(dim=2)                    # whole mel bands masked
+    steps = hidden.all(dim=1)                    # whole frames masked
+    assert torch.equal(hidden, bands[:, :, None] | steps[:, None, :])  # nothing but bands and spans
+    assert int(bands.sum(1).max()) <= 8 and bands.any()
+    for row, n in enumerate(frames.tolist()):
+        assert int(steps[row].sum()) <= 12 and not steps[row, n:].any()  # padding frames never chosen
+    assert steps.any()
+
+
+def test_scratch_audio_spec_augment_only_in_training():
+    enc = build_encoder("audio", EncoderConfig(kind="scratch", spec_augment=True, dropout=0.0))
+    b = batch(4, audio_samples=16000)
+    enc.eval()
+    with torch.no_grad():
+        first, mask = enc(b)
+        torch.testing.assert_close(enc(b)[0], first)
+        enc.train()
+        torch.manual_seed(1)
+        augmented, _ = enc(b)
+    assert not torch.allclose(augmented[mask], first[mask])
+
+
 def test_pool_tokens_respects_mask():
     tokens = torch.arange(1.0, 11.0)[None, :, None].repeat(2, 1, 1)  # values 1..10
     mask = torch.tensor([[True] * 10, [True] * 3 + [False] * 7])
@@ -242,6 +271,10 @@ def test_config_errors_name_the_fix():
         build_encoder("audio", EncoderConfig(kind="scratch", pretrained="facebook/wav2vec2-base"))
     with pytest.raises(ConfigError, match="freeze=true"):
         EncoderConfig(unfreeze_after_steps=5)
+    with pytest.raises(ConfigError, match="model.audio.kind=scratch"):
+        debug_cfg(audio=EncoderConfig(kind="hf", size="debug", spec_augment=True))
+    with pytest.raises(ConfigError, match="set model.audio.spec_augment"):
+        debug_cfg(video=EncoderConfig(kind="scratch", spec_augment=True))
 
 
 def test_minilm_loads_offline_and_one_step_changes_it(monkeypatch):
