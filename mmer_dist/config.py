@@ -219,14 +219,18 @@ class LossConfig:
     """The training loss: the class-imbalance knob on the objective side."""
 
     name: str = "ce"
-    """ce | weighted_ce (inverse-frequency class weights) | focal | class_balanced (effective number)."""
+    """ce | weighted_ce (inverse-frequency class weights) | focal | class_balanced (effective number) |
+    logit_adjusted (CE on logits + la_tau log(class prior); Menon et al. 2021)."""
     label_smoothing: float = 0.0
     focal_gamma: float = 2.0
     cb_beta: float = 0.999
     """Class-balanced loss beta (Cui et al. 2019)."""
+    la_tau: float = 1.0
+    """Logit-adjusted loss: strength of the prior offset (1 = aim at the balanced error, 0 = plain CE)."""
 
     def __post_init__(self) -> None:
-        _check_choice("loss.name", self.name, ("ce", "weighted_ce", "focal", "class_balanced"))
+        _check_choice("loss.name", self.name, ("ce", "weighted_ce", "focal", "class_balanced", "logit_adjusted"))
+        _check(self.la_tau >= 0.0, "loss.la_tau must be >= 0 (0 = plain cross-entropy)")
         _check(0.0 <= self.label_smoothing < 1.0, "loss.label_smoothing must be in [0, 1)")
         _check(self.focal_gamma >= 0.0, "loss.focal_gamma must be >= 0")
         _check(0.0 < self.cb_beta < 1.0, "loss.cb_beta must be in (0, 1)")

@@ -10,6 +10,10 @@
                     q is the one-hot (or label-smoothed) target
     class_balanced  (1/B) sum_i w_{y_i} CE_i with w_c = (1 - beta) / (1 - beta^{n_c}) scaled to sum to C'
                     (effective number of samples, Cui et al. 2019)
+    logit_adjusted  CE on logits + tau log(pi_c), pi = the training class prior (Menon et al. 2021):
+                    the raw logits (what eval and predict use) then target the balanced error
+                    (UAR) at tau=1, with no reweighting or resampling; classes absent from the
+                    counts get the prior of one example
 
 `loss.label_smoothing` applies to all of them (as in torch.nn.functional.cross_entropy). Losses are
 computed in float32 whatever the logits' dtype. The class weights are buffers: move the loss to the
@@ -99,6 +103,18 @@ class ClassBalancedLoss(nn.Module):
         return (self.weight[labels] * ce).mean()
 
 
+class LogitAdjustedLoss(nn.Module):
+    """CE(logits + tau log prior, y): the prior enters the loss only, so the model learns it need not."""
+
+    def __init__(self, log_prior: Tensor, tau: float = 1.0, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.label_smoothing = label_smoothing
+        self.register_buffer("offset", tau * log_prior, persistent=False)
+
+    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return F.cross_entropy(logits.float() + self.offset, labels, label_smoothing=self.label_smoothing)
+
+
 def build_loss(cfg: LossConfig, class_counts: Sequence[int] | None = None) -> nn.Module:
     """The loss `cfg.name` describes; `class_counts` (training split, index order) feed the class weights."""
     if cfg.name == "ce":
@@ -113,4 +129,8 @@ def build_loss(cfg: LossConfig, class_counts: Sequence[int] | None = None) -> nn
         return CrossEntropyLoss(cfg.label_smoothing, inverse_frequency_weights(counts))
     if cfg.name == "class_balanced":
         return ClassBalancedLoss(effective_number_weights(counts, cfg.cb_beta), cfg.label_smoothing)
-    raise ConfigError(f"loss.name={cfg.name!r} is not valid; choose one of ce, weighted_ce, focal, class_balanced")
+    if cfg.name == "logit_adjusted":
+        prior = torch.as_tensor(counts, dtype=torch.float64).clamp(min=1.0)
+        return LogitAdjustedLoss(torch.log(prior / prior.sum()).float(), cfg.la_tau, cfg.label_smoothing)
+    raise ConfigError(f"loss.name={cfg.name!r} is not valid; choose one of ce, weighted_ce, focal, class_balanced, "
+                      f"logit_adjusted")

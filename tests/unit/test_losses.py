@@ -65,6 +65,17 @@ def test_class_balanced_effective_number():
     assert run(LossConfig(name="class_balanced", cb_beta=beta)) == pytest.approx(expected, rel=1e-6)
 
 
+def test_logit_adjusted_adds_tau_log_prior():
+    tau = 0.5
+    prior = [k / sum(COUNTS) for k in COUNTS]
+    adjusted = [[z + tau * math.log(p) for z, p in zip(row, prior)] for row in LOGITS]
+    per = [-math.log(softmax(adjusted[i])[y]) for i, y in enumerate(LABELS)]
+    assert run(LossConfig(name="logit_adjusted", la_tau=tau)) == pytest.approx(sum(per) / 2, rel=1e-6)
+    assert run(LossConfig(name="logit_adjusted", la_tau=0.0)) == pytest.approx(run(LossConfig(name="ce")), rel=1e-6)
+    # the rare class 2 (1 of 16 rows) is harder to fit under the offset, so its row's loss grows
+    assert run(LossConfig(name="logit_adjusted")) > run(LossConfig(name="ce"))
+
+
 def test_absent_class_gets_zero_weight_and_no_nan():
     counts = [10, 0, 6]
     n = 16
@@ -72,6 +83,7 @@ def test_absent_class_gets_zero_weight_and_no_nan():
     expected = (w[0] * NLL[0] + w[2] * NLL[1]) / (w[0] + w[2])
     assert run(LossConfig(name="weighted_ce"), counts) == pytest.approx(expected, rel=1e-6)
     assert math.isfinite(run(LossConfig(name="class_balanced"), counts))
+    assert math.isfinite(run(LossConfig(name="logit_adjusted"), counts))
 
 
 def test_weights_need_counts():
@@ -81,7 +93,7 @@ def test_weights_need_counts():
         build_loss(LossConfig(name="class_balanced"), None)
 
 
-@pytest.mark.parametrize("name", ["ce", "weighted_ce", "focal", "class_balanced"])
+@pytest.mark.parametrize("name", ["ce", "weighted_ce", "focal", "class_balanced", "logit_adjusted"])
 def test_bf16_logits_give_a_float32_loss_with_gradient(name):
     logits = torch.tensor(LOGITS, dtype=torch.bfloat16, requires_grad=True)
     loss = build_loss(LossConfig(name=name), COUNTS)(logits, torch.tensor(LABELS))
