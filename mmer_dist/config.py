@@ -271,6 +271,10 @@ class TrainConfig:
     """auto (bf16 on a GPU that supports it, fp32 on CPU) | no | bf16 | fp16."""
     eval_every: int = 0
     """Evaluate on data.eval_split every N optimizer steps; 0 = at the end of every epoch."""
+    select: str = "best"
+    """Which weights a run exports: best (the evaluation with the highest eval-split Macro-F1) | last
+    (the final weights; evaluations still run for the curves). `last` suits a small, speaker-few dev
+    split whose per-epoch scores are too noisy to pick from (benchmarks/README.md, RAVDESS)."""
     checkpoint_every: int = 0
     """Save a resumable checkpoint every N optimizer steps; 0 = at the end of every epoch."""
     keep_checkpoints: int = 2
@@ -285,6 +289,7 @@ class TrainConfig:
         _check(self.epochs >= 1 or self.max_steps >= 1, "train.epochs or train.max_steps must be >= 1")
         _check(self.grad_accum >= 1, f"train.grad_accum={self.grad_accum} must be >= 1")
         _check_choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
+        _check_choice("train.select", self.select, ("best", "last"))
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
         _check(self.log_every >= 1, "train.log_every must be >= 1")
 

@@ -225,7 +225,8 @@ def _unwrapped_state_dict(accelerator: Any, model: torch.nn.Module) -> dict[str,
 
 
 def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
-    """Train, evaluate periodically, keep the best by dev Macro-F1, export, write metrics.json."""
+    """Train, evaluate periodically, keep the best by dev Macro-F1 (or the last: train.select), export,
+    write metrics.json."""
     from tqdm.auto import tqdm
 
     from mmer_dist.data.pipeline import build_eval_loader, build_train_loader
@@ -310,7 +311,9 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         if main:
             bar.write(f"step {state.step}: {cfg.data.eval_split} macro-F1 {metrics['macro_f1']:.3f} "
                       f"weighted-F1 {metrics['weighted_f1']:.3f} acc {metrics['accuracy']:.3f}")
-        if metrics["macro_f1"] > state.best_score:
+        chosen = (metrics["macro_f1"] > state.best_score if cfg.train.select == "best"
+                  else state.step >= total_steps)
+        if chosen:
             state.best_score, state.best_step = metrics["macro_f1"], state.step
             sd = _unwrapped_state_dict(accelerator, model)
             if main:
@@ -381,7 +384,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         _requeue_if_slurm(main)
         return {"stopped": True, "step": state.step}
 
-    # Final: the best checkpoint, evaluated on the eval split, exported with its metrics.
+    # Final: the selected checkpoint (best or last), evaluated on the eval split, exported with its metrics.
     accelerator.wait_for_everyone()
     final = _final_metrics(run_dir, cfg, accelerator, model, eval_loader, labels, loss_fn, eval_keys, state)
     log.close()
@@ -422,7 +425,7 @@ def _final_metrics(run_dir: Path, cfg: Config, accelerator: Any, model: Any, eva
             print(f"WARNING: model replicas differ across ranks after training: {checksums}", file=sys.stderr)
         export_model(load_file(str(best_dir / EXPORT_WEIGHTS)), cfg.model, cfg.data, labels, run_dir / "export",
                      {"step": state.best_step, "macro_f1": metrics["macro_f1"], "split": cfg.data.eval_split})
-        print(f"done: {cfg.data.eval_split} macro-F1 {metrics['macro_f1']:.4f} (best step {state.best_step}); "
+        print(f"done: {cfg.data.eval_split} macro-F1 {metrics['macro_f1']:.4f} ({cfg.train.select} step {state.best_step}); "
               f"model exported to {run_dir / 'export'}; metrics in {run_dir / 'metrics.json'}", flush=True)
     accelerator.wait_for_everyone()
     return metrics
