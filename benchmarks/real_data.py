@@ -64,12 +64,15 @@ def steps(out: Path, data: Path, nproc: int) -> list[Step]:
                           "shards/meld-text/index.json")]
     meld_runs = {"meld-ce": [], "meld-sqrt": ["sampler.weighting=sqrt_inverse"],
                  "meld-cb": ["loss.name=class_balanced"], "meld-focal": ["loss.name=focal"],
-                 "meld-inverse": ["sampler.weighting=inverse"],
-                 # a third epoch (did not help; benchmarks/README.md)
-                 "meld-ce-3ep": ["train.epochs=3"], "meld-sqrt-3ep": ["sampler.weighting=sqrt_inverse", "train.epochs=3"]}
+                 "meld-inverse": ["sampler.weighting=inverse"], "meld-la": ["loss.name=logit_adjusted"],
+                 # variants that did not help (benchmarks/README.md)
+                 "meld-ce-3ep": ["train.epochs=3"], "meld-sqrt-3ep": ["sampler.weighting=sqrt_inverse", "train.epochs=3"],
+                 "meld-sqrt-elr1e4": ["sampler.weighting=sqrt_inverse", "optim.encoder_lr=1e-4"],
+                 "meld-sqrt-mean": ["sampler.weighting=sqrt_inverse", "model.text.pooling=mean"],
+                 "meld-sqrt-focal": ["sampler.weighting=sqrt_inverse", "loss.name=focal"]}
     for i, (name, extra) in enumerate(meld_runs.items()):
         run = f"{o}/runs/{name}"
-        s.append(Step(name, torchrun(nproc, 29650 + i, "--config", "meld_text_minilm", "--shards", meld,
+        s.append(Step(name, torchrun(nproc, 29630 + i, "--config", "meld_text_minilm", "--shards", meld,
                                      "--out", run, *extra), f"runs/{name}/metrics.json", env=one))
         s.append(Step(f"{name}-eval", mmer("eval", "--model", run, "--shards", meld, "--split", "dev",
                                            "--out", f"{run}/eval-dev"),
@@ -78,15 +81,21 @@ def steps(out: Path, data: Path, nproc: int) -> list[Step]:
                                        "--out", f"{o}/runs/meld-compare"), "runs/meld-compare/compare.json"))
     s.append(Step("pack-ravdess", mmer("pack", "ravdess", "--root", str(data / "ravdess"), "--out", rav),
                   "shards/ravdess/index.json"))
-    ravdess_runs = {"ravdess-audio": [],
-                    # the first run (lr 1e-3, 30 epochs: what the preset said then), kept for the record
-                    "ravdess-audio-first": ["optim.lr=1e-3", "optim.encoder_lr=1e-3", "train.epochs=30"],
-                    "ravdess-audio-120ep": ["train.epochs=120"]}
-    for i, (name, extra) in enumerate(ravdess_runs.items()):
+    # A second actor split, to check the preset's train.select=last on actors that played no part in choosing it.
+    rav_b = f"{o}/shards/ravdess-split-b"
+    s.append(Step("pack-ravdess-split-b", mmer("pack", "ravdess", "--root", str(data / "ravdess"), "--out", rav_b,
+                                               "--test-actors", "1,2,3,4", "--dev-actors", "5,6"),
+                  "shards/ravdess-split-b/index.json"))
+    seed1, best = ["train.seed=1", "sampler.seed=1"], ["train.select=best"]
+    ravdess_runs = {"ravdess-audio": (rav, []), "ravdess-audio-seed1": (rav, seed1),
+                    # the same trainings, exporting the best dev epoch instead of the final weights
+                    "ravdess-audio-best": (rav, best), "ravdess-audio-seed1-best": (rav, seed1 + best),
+                    "ravdess-audio-split-b": (rav_b, []), "ravdess-audio-split-b-best": (rav_b, best)}
+    for i, (name, (shards, extra)) in enumerate(ravdess_runs.items()):
         run = f"{o}/runs/{name}"
-        s.append(Step(name, torchrun(nproc, 29660 + i, "--config", "ravdess_audio", "--shards", rav, "--out", run,
+        s.append(Step(name, torchrun(nproc, 29660 + i, "--config", "ravdess_audio", "--shards", shards, "--out", run,
                                      *extra), f"runs/{name}/metrics.json", env=one))
-        s.append(Step(f"{name}-eval", mmer("eval", "--model", run, "--shards", rav, "--split", "test",
+        s.append(Step(f"{name}-eval", mmer("eval", "--model", run, "--shards", shards, "--split", "test",
                                            "--out", f"{run}/eval-test"),
                       f"runs/{name}/eval-test/metrics.json", metrics=f"runs/{name}/eval-test/metrics.json"))
     # The originals: one actor, so it is its own test split; the train profile transcodes 48 kHz (one
@@ -98,7 +107,7 @@ def steps(out: Path, data: Path, nproc: int) -> list[Step]:
     s.append(Step("synth-ravdess", mmer("synth", "ravdess", "--out", synth, "--n", "720"), "synth-ravdess"))
     s.append(Step("synth-pack", mmer("pack", "ravdess", "--root", synth, "--out", synth_shards),
                   "shards/synth-ravdess/index.json"))
-    s.append(Step("synth-train", torchrun(nproc, 29665, "--config", "demo", "--shards", synth_shards, "--out", synth_run,
+    s.append(Step("synth-train", torchrun(nproc, 29670, "--config", "demo", "--shards", synth_shards, "--out", synth_run,
                                           "data.modalities=[text,audio,video]", "train.epochs=30"),
                   "runs/synth-ravdess-av/metrics.json", metrics="runs/synth-ravdess-av/metrics.json", env=one))
     av = sorted((data / "ravdess-original" / "Actor_05").glob("01-*.mp4"))

@@ -68,14 +68,15 @@ def test_ravdess_audio_scratch_learns_speaker_independent(tmp_path: Path) -> Non
     assert res.index is not None
     sizes = {s: res.index.splits[s].num_samples for s in ("train", "dev", "test")}
     assert sizes == {"train": 840, "dev": 120, "test": 240}
-    # The preset's model and lr, 300 steps of 32 on one process (the preset: 1,560 steps on two).
-    # The model sits at chance for ~150 steps, then dev accuracy climbs to ~0.4 by step 300.
+    # The preset's model and lr, 300 steps of 32 on one process (the preset: 2,600 steps on two).
+    # Dev accuracy is above chance from the first evaluation (0.28 at step 50) and ~0.49 at step 300.
     m = train("ravdess_audio", tmp_path / "rav", tmp_path / "run",
               "data.batch_size=32", "optim.warmup_steps=20", "train.max_steps=300", "train.eval_every=50",
               "train.log_every=50")
     assert m["split"] == "dev" and sum(v["support"] for v in m["per_class"].values()) == 120
-    # measured 0.41 accuracy, 0.39 Macro-F1; chance: 0.125 and 0.03 (one class predicted)
-    assert m["accuracy"] > 0.28 and m["macro_f1"] > 0.22, m
+    # measured 0.49 accuracy, 0.42 Macro-F1 (0.41 / 0.39 before the encoder's LayerNorm, all-band
+    # normalisation and SpecAugment); chance: 0.125 and 0.03 (one class predicted)
+    assert m["accuracy"] > 0.33 and m["macro_f1"] > 0.27, m
 
 
 @needs_original
