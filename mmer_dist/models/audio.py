@@ -140,7 +140,8 @@ class ScratchAudioEncoder(Encoder):
     lies in the real samples; features are normalised per utterance over real frames and padded frames
     are zeroed before every convolution, so padding never reaches a real token. The LayerNorm puts the
     conv output on a fixed scale beside the unit-amplitude sinusoidal positions; without it, and with a
-    per-band feature normalisation, the model sat at chance for its first ~150 steps on RAVDESS. `cfg.spec_augment` masks frequency bands and time spans in training (`spec_augment`).
+    per-band feature normalisation, the model sat at chance for its first ~150 steps on RAVDESS.
+    `cfg.spec_augment` masks frequency bands and time spans in training (`spec_augment`).
     """
 
     input_keys = ("audio", "audio_mask")

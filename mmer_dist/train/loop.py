@@ -425,8 +425,9 @@ def _final_metrics(run_dir: Path, cfg: Config, accelerator: Any, model: Any, eva
             print(f"WARNING: model replicas differ across ranks after training: {checksums}", file=sys.stderr)
         export_model(load_file(str(best_dir / EXPORT_WEIGHTS)), cfg.model, cfg.data, labels, run_dir / "export",
                      {"step": state.best_step, "macro_f1": metrics["macro_f1"], "split": cfg.data.eval_split})
-        print(f"done: {cfg.data.eval_split} macro-F1 {metrics['macro_f1']:.4f} ({cfg.train.select} step {state.best_step}); "
-              f"model exported to {run_dir / 'export'}; metrics in {run_dir / 'metrics.json'}", flush=True)
+        print(f"done: {cfg.data.eval_split} macro-F1 {metrics['macro_f1']:.4f} "
+              f"({cfg.train.select} step {state.best_step}); model exported to {run_dir / 'export'}; "
+              f"metrics in {run_dir / 'metrics.json'}", flush=True)
     accelerator.wait_for_everyone()
     return metrics
 
