@@ -103,6 +103,10 @@ class DataConfig:
     video_size: int = 64
     """Frames are resized to video_size x video_size after decoding."""
     max_text_tokens: int = 64
+    text_context: int = 0
+    """Previous dialogue turns given to the text encoder after the utterance (MELD shards store up to 3
+    in each sample's metadata): [CLS] utterance [SEP] "Speaker: turn ..." [SEP], the utterance never cut
+    for context, the oldest context tokens cut first to fit max_text_tokens. 0 = the utterance alone."""
     bucket_by_length: bool = False
     """Group samples of similar audio length into a batch to limit padding."""
 
@@ -119,6 +123,7 @@ class DataConfig:
         _check(self.max_audio_seconds > 0, "data.max_audio_seconds must be > 0")
         _check(self.video_frames >= 1 and self.video_size >= 8, "data.video_frames must be >= 1 and data.video_size >= 8")
         _check(self.max_text_tokens >= 4, "data.max_text_tokens must be >= 4")
+        _check(self.text_context >= 0, "data.text_context must be >= 0 (0 = the utterance alone)")
 
 
 # --------------------------------------------------------------------------- model

@@ -17,6 +17,10 @@ as cp1252: `â€™` for `’`). The file is decoded as UTF-8 and, failing that
 field is then repaired with `ftfy.fix_text` (curly quotes kept), so all three forms give the same
 transcript.
 
+Dialogue context: every utterance's `meta["context"]` holds the up to `CONTEXT_TURNS` turns before it
+in its dialogue (speaker and transcript, oldest first); `data.text_context` feeds them to the text
+encoder after the utterance.
+
 Bad rows (wrong header, unknown emotion or sentiment, a missing field, a non-integer id, a
 duplicate dialogue/utterance pair) raise `ValueError` naming the file and the CSV line.
 
@@ -67,6 +71,10 @@ _CLIP_RE = re.compile(r"^dia(\d+)_utt(\d+)\.mp4$", re.IGNORECASE)
 _TIME_RE = re.compile(r"^\s*(?:(\d+):)?(\d+):(\d+)(?:[,.](\d+))?\s*$")
 
 MISSING_MEDIA_CHOICES: tuple[str, ...] = ("keep", "skip")
+
+
+CONTEXT_TURNS = 3
+"""Previous turns of the dialogue stored with each utterance (`data.text_context` uses up to this many)."""
 
 
 def clean_text(text: str) -> str:
@@ -144,6 +152,7 @@ def _read_split(
 
     clips = _index_clips(clip_dir, split, report) if clip_dir is not None else None
     seen: dict[tuple[int, int], int] = {}
+    turns: dict[int, list[tuple[int, str, str]]] = {}   # dialogue -> (utterance id, speaker, text), every row
     out: list[Utterance] = []
     for row in reader:
         line = reader.line_num
@@ -176,6 +185,7 @@ def _read_split(
             raise _row_error(path, line, f"duplicate key {key}: Dialogue_ID={dia}, Utterance_ID={utt} "
                                          f"already on line {seen[(dia, utt)]}")
         seen[(dia, utt)] = line
+        turns.setdefault(dia, []).append((utt, values["Speaker"], values["Utterance"]))
 
         clip: Path | None = None
         if clips is not None:
@@ -218,7 +228,17 @@ def _read_split(
     if clips:
         for (dia, utt), clip in sorted(clips.items()):
             report.add("unlisted_clip", f"{clip} (no row in {path.name})", dropped=True)
+    _attach_context(out, turns)
     return out
+
+
+def _attach_context(utterances: list[Utterance], turns: dict[int, list[tuple[int, str, str]]]) -> None:
+    """meta["context"]: the CONTEXT_TURNS turns before each utterance in its dialogue, oldest first, as
+    {"speaker", "text"} (every CSV row counts, also one whose clip is missing); [] for a first turn."""
+    for u in utterances:
+        dia, utt = u.meta["dialogue_id"], u.meta["utterance_id"]
+        before = sorted(t for t in turns[dia] if t[0] < utt)[-CONTEXT_TURNS:]
+        u.meta["context"] = [{"speaker": speaker, "text": text} for _, speaker, text in before]
 
 
 def read_meld(

@@ -240,8 +240,13 @@ def decode_video(data: bytes, frames: int, size: int, key: str = "") -> torch.Te
 # --------------------------------------------------------------------------- text
 
 
-def decode_text(data: bytes | str, tokenizer: Callable[..., Any], max_tokens: int, key: str = "") -> torch.Tensor | None:
-    """UTF-8 transcript -> LongTensor [<= max_tokens] of token ids; None for an empty transcript."""
+def decode_text(data: bytes | str, tokenizer: Callable[..., Any], max_tokens: int, key: str = "",
+                context: list[dict[str, str]] | None = None) -> torch.Tensor | None:
+    """UTF-8 transcript -> LongTensor [<= max_tokens] of token ids; None for an empty transcript.
+
+    With `context` (earlier turns, oldest first, {"speaker", "text"}): the utterance's ids, then the
+    turns as "Speaker: text ..." and a separator in the room left, keeping the most recent tokens.
+    """
     try:
         text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else str(data)
     except UnicodeDecodeError as e:
@@ -250,10 +255,15 @@ def decode_text(data: bytes | str, tokenizer: Callable[..., Any], max_tokens: in
     if not text:
         return None
     try:
-        ids = tokenizer(text, truncation=True, max_length=max_tokens)["input_ids"]
+        ids = list(tokenizer(text, truncation=True, max_length=max_tokens)["input_ids"])[:max_tokens]
+        room = max_tokens - len(ids) - 1          # one separator closes the context
+        if context and room > 0:
+            turns = " ".join(f"{t['speaker']}: {t['text']}" for t in context)
+            ctx = list(tokenizer(turns, add_special_tokens=False)["input_ids"])[-room:]
+            ids += ctx + [tokenizer.sep_token_id]
     except Exception as e:
         raise DecodeError("text_corrupt", key, f"tokenizer: {type(e).__name__}: {e}") from e
-    return torch.tensor(list(ids)[:max_tokens], dtype=torch.long)
+    return torch.tensor(ids, dtype=torch.long)
 
 
 # --------------------------------------------------------------------------- embeddings (mmer-dist embed)
@@ -301,6 +311,19 @@ def _first_ext(members: dict[str, Any], exts: tuple[str, ...]) -> str | None:
     return None
 
 
+def _context(meta: dict[str, Any], turns: int, key: str) -> list[dict[str, str]] | None:
+    """The last `turns` dialogue turns stored in a sample's metadata (None when turns = 0)."""
+    if turns <= 0:
+        return None
+    corpus_meta = meta.get("meta") or {}
+    if "context" not in corpus_meta:
+        if meta.get("corpus") == "meld":
+            raise DecodeError("context_missing", key, "data.text_context > 0 but this MELD shard has no dialogue "
+                                                      "context; repack it with this version of mmer-dist pack")
+        return None                               # a corpus without dialogues: the utterance alone
+    return list(corpus_meta["context"])[-turns:]
+
+
 def decode_sample(members: dict[str, Any], cfg_data: DataConfig, tokenizer: Callable[..., Any] | None,
                   train: bool, rng: np.random.Generator | None, key: str | None = None,
                   require_label: bool = True) -> dict[str, Any]:
@@ -313,6 +336,7 @@ def decode_sample(members: dict[str, Any], cfg_data: DataConfig, tokenizer: Call
     """
     key = key or str(members.get("__key__", "")) or "?"
     label = -1
+    meta: dict[str, Any] = {}
     meta_raw = members.get(META_EXT)
     if meta_raw is None:
         if require_label:
@@ -333,7 +357,8 @@ def decode_sample(members: dict[str, Any], cfg_data: DataConfig, tokenizer: Call
         if members.get(TEXT_EXT) is not None:
             if tokenizer is None:
                 raise ValueError(NO_TOKENIZER)
-            out["text_ids"] = decode_text(members[TEXT_EXT], tokenizer, cfg_data.max_text_tokens, key)
+            out["text_ids"] = decode_text(members[TEXT_EXT], tokenizer, cfg_data.max_text_tokens, key,
+                                          _context(meta, cfg_data.text_context, key))
             if out["text_ids"] is None:
                 out["degraded"].append("text_empty")
 

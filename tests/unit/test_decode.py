@@ -13,7 +13,7 @@ import torch
 from mmer_dist.config import DataConfig
 from mmer_dist.corpora.synthetic_media import write_mp4
 from mmer_dist.data.decode import (IMAGENET_MEAN, IMAGENET_STD, Decoder, DecodeError, crop_window, decode_audio,
-                                   decode_files, decode_sample, decode_video)
+                                   decode_files, decode_sample, decode_text, decode_video)
 
 CFG = DataConfig(sample_rate=16000, max_audio_seconds=1.0, video_frames=4, video_size=32, max_text_tokens=8)
 
@@ -146,6 +146,33 @@ def test_corrupt_members_raise_decode_error_with_reason(tmp_path):
             decode_sample(members, CFG, WordTokenizer(), train=False, rng=None, key="bad")
         assert e.value.reason == reason, (reason, e.value)
         assert "bad" in str(e.value)
+
+
+def test_dialogue_context_follows_the_utterance_and_keeps_the_latest_turn():
+    from mmer_dist.config import EncoderConfig
+    from mmer_dist.models import build_tokenizer
+
+    tok = build_tokenizer(EncoderConfig(kind="hf", pretrained="minilm", size="small"))   # packaged, offline
+    context = [{"speaker": "Ross", "text": "we were on a break"}, {"speaker": "Rachel", "text": "no we were not"}]
+    alone = decode_text("you cheated", tok, 64).tolist()
+    ids = decode_text("you cheated", tok, 64, context=context).tolist()
+    assert ids[: len(alone)] == alone and ids[-1] == tok.sep_token_id
+    assert tok.decode(ids[len(alone): -1]) == "ross : we were on a break rachel : no we were not"
+    short = decode_text("you cheated", tok, len(alone) + 4, context=context).tolist()
+    assert len(short) == len(alone) + 4 and tok.decode(short[len(alone): -1]) == "we were not"  # oldest cut first
+    assert decode_text("you cheated", tok, len(alone), context=context).tolist() == alone      # no room: no context
+    # decode_sample takes the last data.text_context turns from the sample's metadata
+    cfg = DataConfig(modalities=("text",), max_text_tokens=64, text_context=1)
+    member = json.dumps({"label_id": 1, "corpus": "meld", "meta": {"context": context}}).encode()
+    out = decode_sample({"json": member, "txt": b"you cheated"}, cfg, tok, False, None)
+    assert tok.decode(out["text_ids"][len(alone): -1].tolist()) == "rachel : no we were not"
+    # MELD shards packed without context are an error naming the fix; other corpora have no dialogues
+    with pytest.raises(DecodeError, match="repack") as e:
+        decode_sample({"json": json.dumps({"label_id": 1, "corpus": "meld", "meta": {}}).encode(), "txt": b"hi"},
+                      cfg, tok, False, None)
+    assert e.value.reason == "context_missing"
+    ravdess = json.dumps({"label_id": 1, "corpus": "ravdess", "meta": {}}).encode()
+    assert decode_sample({"json": ravdess, "txt": b"you cheated"}, cfg, tok, False, None)["text_ids"].tolist() == alone
 
 
 def test_missing_modalities_are_none_and_unrequested_are_absent():

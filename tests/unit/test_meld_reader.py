@@ -72,6 +72,19 @@ def test_reads_rows_keys_labels_and_meta(tmp_path: Path) -> None:
     assert report.to_dict() == {"skipped": {}, "degraded": {}, "examples": {}}
 
 
+def test_dialogue_context_is_the_previous_turns(tmp_path: Path) -> None:
+    rows = [list(ROWS[2]), list(ROWS[0]), list(ROWS[1])]            # CSV order need not be dialogue order
+    rows += [[str(5 + i), f"line {i}", "Joey", "neutral", "neutral", "0", str(2 + i), "8", "21", "", ""]
+             for i in range(3)]                                    # dialogue 0: utterances 0..4
+    write_csv(tmp_path, rows=rows)
+    utts = {u.key: u for u in read_meld(tmp_path)[0]}
+    assert utts["meld-train-dia0_utt0"].meta["context"] == [] and utts["meld-train-dia1_utt0"].meta["context"] == []
+    assert utts["meld-train-dia0_utt1"].meta["context"] == [
+        {"speaker": "The Interviewer", "text": "You must’ve had your hands full."}]
+    last = utts["meld-train-dia0_utt4"].meta["context"]               # CONTEXT_TURNS = 3, oldest first
+    assert [t["text"] for t in last] == ["That I did. That I did — honestly…", "line 0", "line 1"]
+
+
 def test_only_present_csvs_are_read_and_dispatcher(tmp_path: Path) -> None:
     write_csv(tmp_path, "dev", ROWS[:2])
     write_csv(tmp_path, "test", ROWS[2:])
