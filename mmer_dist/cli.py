@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video", default=None, help="video clip (mp4); its audio track is used when --audio is not given")
     p.add_argument("--audio", default=None, help="audio file (wav, flac, mp3, or a video's audio track)")
     p.add_argument("--text", default=None, help="transcript")
+    p.add_argument("--context", action="append", default=None, metavar="'SPEAKER: WORDS'",
+                   help="an earlier turn of the dialogue (repeat, oldest first); used by models trained with "
+                        "data.text_context > 0, which read the last N of them after the transcript")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_predict)
 

@@ -18,7 +18,7 @@ import torch
 
 
 def predict(model_path: str | Path, video: str | None = None, audio: str | None = None,
-            text: str | None = None) -> dict[str, Any]:
+            text: str | None = None, context: list[str] | None = None) -> dict[str, Any]:
     """{"label": name, "probabilities": {name: p}, "modalities": [used]} for one utterance."""
     from mmer_dist.data.collate import Collator
     from mmer_dist.data.decode import decode_files
@@ -32,7 +32,8 @@ def predict(model_path: str | Path, video: str | None = None, audio: str | None 
             raise FileNotFoundError(f"{path}: no such file")
     model, model_cfg, data_cfg, labels = load_exported(model_path)
     tokenizer = build_tokenizer(model_cfg.text) if "text" in data_cfg.modalities else None
-    sample = decode_files(video=video, audio=audio, text=text, cfg_data=data_cfg, tokenizer=tokenizer)
+    sample = decode_files(video=video, audio=audio, text=text, cfg_data=data_cfg, tokenizer=tokenizer,
+                          context=context)
     batch = Collator.for_tokenizer(data_cfg, tokenizer)([sample])
     with torch.no_grad():
         probs = torch.softmax(model(batch).float(), dim=-1)[0]
@@ -46,7 +47,7 @@ def predict_main(args: argparse.Namespace) -> int:
     from mmer_dist.data.decode import DecodeError
 
     try:
-        result = predict(args.model, video=args.video, audio=args.audio, text=args.text)
+        result = predict(args.model, video=args.video, audio=args.audio, text=args.text, context=args.context)
     except DecodeError as e:
         print(f"mmer-dist predict: cannot decode {e.detail or e.key} ({e.reason}); give a readable mp4/wav/flac file",
               file=sys.stderr)

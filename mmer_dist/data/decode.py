@@ -258,7 +258,7 @@ def decode_text(data: bytes | str, tokenizer: Callable[..., Any], max_tokens: in
         ids = list(tokenizer(text, truncation=True, max_length=max_tokens)["input_ids"])[:max_tokens]
         room = max_tokens - len(ids) - 1          # one separator closes the context
         if context and room > 0:
-            turns = " ".join(f"{t['speaker']}: {t['text']}" for t in context)
+            turns = " ".join(f"{t['speaker']}: {t['text']}" if t.get("speaker") else t["text"] for t in context)
             ctx = list(tokenizer(turns, add_special_tokens=False)["input_ids"])[-room:]
             ids += ctx + [tokenizer.sep_token_id]
     except Exception as e:
@@ -424,11 +424,14 @@ class Decoder:
 
 
 def decode_files(video: str | Path | None = None, audio: str | Path | None = None, text: str | None = None,
-                 cfg_data: DataConfig | None = None, tokenizer: Callable[..., Any] | None = None) -> dict[str, Any]:
+                 cfg_data: DataConfig | None = None, tokenizer: Callable[..., Any] | None = None,
+                 context: list[str] | None = None) -> dict[str, Any]:
     """Decode raw files for `mmer-dist predict`, through the same path as training (eval crop).
 
     Any subset of video/audio/text; the result is a sample dict with label -1, ready for
-    `Collator(cfg.data)([sample])`. Raises FileNotFoundError / DecodeError naming the file.
+    `Collator(cfg.data)([sample])`. `context`: earlier dialogue turns, oldest first, as "Speaker: words"
+    (used when the model was trained with data.text_context > 0). Raises FileNotFoundError /
+    DecodeError naming the file.
     """
     if cfg_data is None:
         raise ValueError("decode_files needs cfg_data (the run's cfg.data)")
@@ -450,6 +453,9 @@ def decode_files(video: str | Path | None = None, audio: str | Path | None = Non
         names.append(p.stem)
     if text:
         members[TEXT_EXT] = text.encode("utf-8")
+    if context:
+        turns = [dict(zip(("speaker", "text"), t.split(": ", 1))) if ": " in t else {"text": t} for t in context]
+        members[META_EXT] = json.dumps({"label_id": -1, "meta": {"context": turns}}).encode("utf-8")
     key = names[0] if names else "text"
     try:
         return decode_sample(members, cfg_data, tokenizer, train=False, rng=None, key=key, require_label=False)

@@ -173,6 +173,10 @@ def test_dialogue_context_follows_the_utterance_and_keeps_the_latest_turn():
     assert e.value.reason == "context_missing"
     ravdess = json.dumps({"label_id": 1, "corpus": "ravdess", "meta": {}}).encode()
     assert decode_sample({"json": ravdess, "txt": b"you cheated"}, cfg, tok, False, None)["text_ids"].tolist() == alone
+    # `mmer-dist predict --context 'Speaker: words'` goes through the same path
+    raw = decode_files(text="you cheated", cfg_data=cfg, tokenizer=tok,
+                       context=["Ross: we were on a break", "Rachel: no we were not"])
+    assert torch.equal(raw["text_ids"], out["text_ids"])
 
 
 def test_missing_modalities_are_none_and_unrequested_are_absent():
