@@ -69,7 +69,9 @@ def steps(out: Path, data: Path, nproc: int) -> list[Step]:
                  "meld-ce-3ep": ["train.epochs=3"], "meld-sqrt-3ep": ["sampler.weighting=sqrt_inverse", "train.epochs=3"],
                  "meld-sqrt-elr1e4": ["sampler.weighting=sqrt_inverse", "optim.encoder_lr=1e-4"],
                  "meld-sqrt-mean": ["sampler.weighting=sqrt_inverse", "model.text.pooling=mean"],
-                 "meld-sqrt-focal": ["sampler.weighting=sqrt_inverse", "loss.name=focal"]}
+                 "meld-sqrt-focal": ["sampler.weighting=sqrt_inverse", "loss.name=focal"],
+                 "meld-sqrt-ctx1": ["sampler.weighting=sqrt_inverse", "data.text_context=1", "data.max_text_tokens=64",
+                                    "model.fusion.max_tokens_per_modality=64"]}
     for i, (name, extra) in enumerate(meld_runs.items()):
         run = f"{o}/runs/{name}"
         s.append(Step(name, torchrun(nproc, 29630 + i, "--config", "meld_text_minilm", "--shards", meld,
