@@ -70,6 +70,8 @@ def steps(out: Path, data: Path, nproc: int) -> list[Step]:
                  "meld-sqrt-elr1e4": ["sampler.weighting=sqrt_inverse", "optim.encoder_lr=1e-4"],
                  "meld-sqrt-mean": ["sampler.weighting=sqrt_inverse", "model.text.pooling=mean"],
                  "meld-sqrt-focal": ["sampler.weighting=sqrt_inverse", "loss.name=focal"],
+                 "meld-sqrt-b16": ["sampler.weighting=sqrt_inverse", "data.batch_size=8", "train.eval_every=312",
+                                   "optim.warmup_steps=120"],
                  "meld-sqrt-ctx1": ["sampler.weighting=sqrt_inverse", "data.text_context=1", "data.max_text_tokens=64",
                                     "model.fusion.max_tokens_per_modality=64"]}
     for i, (name, extra) in enumerate(meld_runs.items()):
