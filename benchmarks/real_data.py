@@ -74,13 +74,18 @@ def steps(out: Path, data: Path, nproc: int) -> list[Step]:
                                    "optim.warmup_steps=120"],
                  "meld-sqrt-ctx1": ["sampler.weighting=sqrt_inverse", "data.text_context=1", "data.max_text_tokens=64",
                                     "model.fusion.max_tokens_per_modality=64"]}
-    for i, (name, extra) in enumerate(meld_runs.items()):
-        run = f"{o}/runs/{name}"
-        s.append(Step(name, torchrun(nproc, 29630 + i, "--config", "meld_text_minilm", "--shards", meld,
-                                     "--out", run, *extra), f"runs/{name}/metrics.json", env=one))
-        s.append(Step(f"{name}-eval", mmer("eval", "--model", run, "--shards", meld, "--split", "dev",
-                                           "--out", f"{run}/eval-dev"),
-                      f"runs/{name}/eval-dev/metrics.json", metrics=f"runs/{name}/eval-dev/metrics.json"))
+    ports = iter(range(29630, 29700))
+
+    def train_and_eval(name: str, config: str, shards: str, extra: list[str], split: str) -> list[Step]:
+        """A training run (2 processes x 1 thread) and `mmer-dist eval` of its export on `split`."""
+        run, ev = f"{o}/runs/{name}", f"runs/{name}/eval-{split}"
+        return [Step(name, torchrun(nproc, next(ports), "--config", config, "--shards", shards, "--out", run, *extra),
+                     f"runs/{name}/metrics.json", env=one),
+                Step(f"{name}-eval", mmer("eval", "--model", run, "--shards", shards, "--split", split,
+                                          "--out", f"{o}/{ev}"), f"{ev}/metrics.json", metrics=f"{ev}/metrics.json")]
+
+    for name, extra in meld_runs.items():
+        s += train_and_eval(name, "meld_text_minilm", meld, extra, "dev")
     s.append(Step("meld-compare", mmer("compare", *(f"{o}/runs/{n}/eval-dev" for n in ("meld-ce", "meld-sqrt", "meld-cb")),
                                        "--out", f"{o}/runs/meld-compare"), "runs/meld-compare/compare.json"))
     s.append(Step("pack-ravdess", mmer("pack", "ravdess", "--root", str(data / "ravdess"), "--out", rav),
@@ -95,13 +100,8 @@ def steps(out: Path, data: Path, nproc: int) -> list[Step]:
                     # the same trainings, exporting the best dev epoch instead of the final weights
                     "ravdess-audio-best": (rav, best), "ravdess-audio-seed1-best": (rav, seed1 + best),
                     "ravdess-audio-split-b": (rav_b, []), "ravdess-audio-split-b-best": (rav_b, best)}
-    for i, (name, (shards, extra)) in enumerate(ravdess_runs.items()):
-        run = f"{o}/runs/{name}"
-        s.append(Step(name, torchrun(nproc, 29660 + i, "--config", "ravdess_audio", "--shards", shards, "--out", run,
-                                     *extra), f"runs/{name}/metrics.json", env=one))
-        s.append(Step(f"{name}-eval", mmer("eval", "--model", run, "--shards", shards, "--split", "test",
-                                           "--out", f"{run}/eval-test"),
-                      f"runs/{name}/eval-test/metrics.json", metrics=f"runs/{name}/eval-test/metrics.json"))
+    for name, (shards, extra) in ravdess_runs.items():
+        s += train_and_eval(name, "ravdess_audio", shards, extra, "test")
     # The originals: one actor, so it is its own test split; the train profile transcodes 48 kHz (one
     # stereo) wavs to mono 16 kHz FLAC and the 720p mp4s to the training video profile.
     s.append(Step("pack-originals", mmer("pack", "ravdess", "--root", str(data / "ravdess-original"), "--out", orig,
@@ -111,7 +111,7 @@ def steps(out: Path, data: Path, nproc: int) -> list[Step]:
     s.append(Step("synth-ravdess", mmer("synth", "ravdess", "--out", synth, "--n", "720"), "synth-ravdess"))
     s.append(Step("synth-pack", mmer("pack", "ravdess", "--root", synth, "--out", synth_shards),
                   "shards/synth-ravdess/index.json"))
-    s.append(Step("synth-train", torchrun(nproc, 29670, "--config", "demo", "--shards", synth_shards, "--out", synth_run,
+    s.append(Step("synth-train", torchrun(nproc, next(ports), "--config", "demo", "--shards", synth_shards, "--out", synth_run,
                                           "data.modalities=[text,audio,video]", "train.epochs=30"),
                   "runs/synth-ravdess-av/metrics.json", metrics="runs/synth-ravdess-av/metrics.json", env=one))
     av = sorted((data / "ravdess-original" / "Actor_05").glob("01-*.mp4"))
