@@ -280,6 +280,10 @@ class TrainConfig:
     """Which weights a run exports: best (the evaluation with the highest eval-split Macro-F1) | last
     (the final weights; evaluations still run for the curves). `last` suits a small, speaker-few dev
     split whose per-epoch scores are too noisy to pick from (benchmarks/README.md, RAVDESS)."""
+    ema_decay: float = 0.0
+    """0 = off; else evaluations, the best/last choice and the export use an exponential moving average
+    of the weights with this decay per optimizer step (e.g. 0.995: a window of ~200 steps; training
+    continues from the live weights). Not with DeepSpeed ZeRO-3."""
     checkpoint_every: int = 0
     """Save a resumable checkpoint every N optimizer steps; 0 = at the end of every epoch."""
     keep_checkpoints: int = 2
@@ -295,6 +299,8 @@ class TrainConfig:
         _check(self.grad_accum >= 1, f"train.grad_accum={self.grad_accum} must be >= 1")
         _check_choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
         _check_choice("train.select", self.select, ("best", "last"))
+        _check(0.0 <= self.ema_decay < 1.0, f"train.ema_decay={self.ema_decay} must be in [0, 1): 0 = off, "
+                                            f"else e.g. 0.995")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
         _check(self.log_every >= 1, "train.log_every must be >= 1")
 

@@ -10,6 +10,7 @@ Everything that can be checked is checked here, before any process group starts.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -95,6 +96,15 @@ def preflight(cfg: Config, run_dir: Path) -> None:
                           f"or trainable from the start (freeze=false)")
     if cfg.train.deepspeed and not Path(cfg.train.deepspeed).is_file():
         raise ConfigError(f"train.deepspeed={cfg.train.deepspeed}: no such file (see launch/ds_zero2.json)")
+    if cfg.train.deepspeed:
+        from mmer_dist.train.ema import check_zero_stage
+
+        try:
+            ds = json.loads(Path(cfg.train.deepspeed).read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise ConfigError(f"train.deepspeed={cfg.train.deepspeed} is not valid JSON ({e}); start from "
+                              f"launch/ds_zero2.json") from None
+        check_zero_stage(cfg.train.ema_decay, ds.get("zero_optimization", {}).get("stage"))
     if not cfg.train.resume and complete_checkpoints(run_dir):
         raise ConfigError(f"{run_dir} already holds checkpoints of a run; pass resume=latest to continue it, "
                           f"or choose a new --out")

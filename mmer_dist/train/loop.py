@@ -281,6 +281,11 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     fill_deepspeed_sizes(accelerator, model)
     # Only these three go through prepare; the loaders stay per rank (see module docstring).
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    ema = build_weight_average(cfg, accelerator, model)
+
+    def averaged() -> Any:
+        """Evaluate and export the weight average when train.ema_decay > 0, else the live weights."""
+        return ema.applied(accelerator.unwrap_model(model)) if ema is not None else contextlib.nullcontext()
 
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
@@ -304,6 +309,10 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         save_checkpoint(accelerator, run_dir, state, extra, cfg.train.keep_checkpoints)
 
     def run_eval() -> None:
+        with averaged():
+            evaluate_and_choose()
+
+    def evaluate_and_choose() -> None:
         metrics = run_eval_loader(model, eval_loader, labels, accelerator.device, loss_fn, eval_keys).metrics
         per_class = {k: v["f1"] for k, v in metrics["per_class"].items()}
         log.write({"step": state.step, "epoch": state.epoch, "split": cfg.data.eval_split,
@@ -348,6 +357,8 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
                 continue
             scheduler.step()
             state.step += 1
+            if ema is not None:
+                ema.update(accelerator.unwrap_model(model))
             bar.update(1)
             if apply_freeze_schedule(accelerator.unwrap_model(model), model_cfg, state.step):
                 names = add_unfrozen_params(optimizer, accelerator.unwrap_model(model), cfg.optim, scheduler)
@@ -386,15 +397,30 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
 
     # Final: the selected checkpoint (best or last), evaluated on the eval split, exported with its metrics.
     accelerator.wait_for_everyone()
-    final = _final_metrics(run_dir, cfg, accelerator, model, eval_loader, labels, loss_fn, eval_keys, state)
+    final = _final_metrics(run_dir, cfg, accelerator, model, eval_loader, labels, loss_fn, eval_keys, state,
+                           averaged)
     log.close()
     if hasattr(accelerator, "end_training"):
         accelerator.end_training()
     return final
 
 
+def build_weight_average(cfg: Config, accelerator: Any, model: torch.nn.Module) -> Any:
+    """The train.ema_decay average of the prepared model's weights, registered for checkpointing; None if off."""
+    from mmer_dist.train.ema import WeightAverage, check_zero_stage
+
+    if cfg.train.ema_decay <= 0:
+        return None
+    plugin = accelerator.state.deepspeed_plugin
+    check_zero_stage(cfg.train.ema_decay, plugin.zero_stage if plugin is not None else None)
+    ema = WeightAverage(accelerator.unwrap_model(model), cfg.train.ema_decay)
+    accelerator.register_for_checkpointing(ema)    # saved and loaded with every checkpoint
+    return ema
+
+
 def _final_metrics(run_dir: Path, cfg: Config, accelerator: Any, model: Any, eval_loader: Any,
-                   labels: list[str], loss_fn: Any, eval_keys: list[str], state: TrainerState) -> dict[str, Any]:
+                   labels: list[str], loss_fn: Any, eval_keys: list[str], state: TrainerState,
+                   averaged: Any) -> dict[str, Any]:
     """Evaluate the best checkpoint (a plain copy on every rank, whatever the engine: DDP, ZeRO-2/3),
     write metrics.json and train_state.json, export it."""
     from safetensors.torch import load_file
@@ -405,7 +431,8 @@ def _final_metrics(run_dir: Path, cfg: Config, accelerator: Any, model: Any, eva
 
     best_dir = run_dir / "best"
     if not (best_dir / EXPORT_WEIGHTS).exists():   # no evaluation ran (e.g. resumed at the last step)
-        sd = _unwrapped_state_dict(accelerator, model)
+        with averaged():
+            sd = _unwrapped_state_dict(accelerator, model)
         if accelerator.is_main_process:
             export_model(sd, cfg.model, cfg.data, labels, best_dir, {"step": state.step})
         accelerator.wait_for_everyone()

@@ -1,5 +1,5 @@
 """Training end to end on CPU: in-process once, 2-process DDP and DeepSpeed ZeRO-2, 1-vs-2 parity,
-kill + resume == uninterrupted, SIGTERM checkpoints and exits cleanly, bad configs fail early."""
+kill + resume == uninterrupted (with and without the weight average), SIGTERM checkpoints and exits cleanly, bad configs fail early."""
 
 from __future__ import annotations
 
@@ -82,6 +82,23 @@ def test_select_last_exports_the_final_weights(synth_meld_shards, tmp_path):
     assert all(torch.equal(exported[k], final[k]) for k in final)
 
 
+def test_weight_average_is_what_evaluations_and_the_export_use(synth_meld_shards, tmp_path):
+    run = tmp_path / "run"
+    assert train_main(["--config", "debug", "--shards", str(synth_meld_shards), "--out", str(run),
+                       *_overrides("train.epochs=2", "train.select=last", "train.ema_decay=0.9",
+                                   "train.keep_checkpoints=1")]) == 0
+    last = complete_checkpoints(run)[-1]
+    average = torch.load(last / "custom_checkpoint_0.pkl", weights_only=True)   # saved with the checkpoint
+    assert average["updates"] == 16
+    live, exported = load_file(str(last / "model.safetensors")), _weights(run)
+    assert exported.keys() == live.keys()
+    assert all(torch.equal(exported[k], average["shadow"][k]) for k in exported)
+    assert not all(torch.equal(exported[k], live[k]) for k in exported)
+    # the final evaluation (metrics.json) is of the average, as the last periodic one was
+    final_eval = _log(run, "dev")[-1]
+    assert json.loads((run / "metrics.json").read_text())["macro_f1"] == pytest.approx(final_eval["macro_f1"])
+
+
 def test_bad_configs_fail_before_any_process_group(synth_meld_shards, tmp_path, capsys):
     base = ["--config", "debug", "--out", str(tmp_path / "r")]
     assert train_main([*base, "--shards", str(synth_meld_shards), "optim.lrr=1"]) == 2
@@ -99,6 +116,14 @@ def test_bad_configs_fail_before_any_process_group(synth_meld_shards, tmp_path, 
     assert "data.stream_resample=true" in capsys.readouterr().err
     assert train_main([*base, "--shards", str(synth_meld_shards), "train.deepspeed=nope.json"]) == 2
     assert "no such file" in capsys.readouterr().err
+    zero3 = str(REPO / "launch" / "ds_zero3.json")
+    assert train_main([*base, "--shards", str(synth_meld_shards), f"train.deepspeed={zero3}",
+                       "train.ema_decay=0.99"]) == 2
+    assert "ZeRO-3 partitions" in capsys.readouterr().err
+    bad_json = tmp_path / "ds.json"
+    bad_json.write_text("{stage: 2")
+    assert train_main([*base, "--shards", str(synth_meld_shards), f"train.deepspeed={bad_json}"]) == 2
+    assert "is not valid JSON" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -135,9 +160,10 @@ def test_deepspeed_zero2_two_processes(synth_meld_shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(synth_meld_shards, tmp_path):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9], ids=["live-weights", "weight-average"])
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(synth_meld_shards, tmp_path, ema_decay):
     common = ["--config", "debug", "--shards", str(synth_meld_shards), "train.epochs=2",
-              "train.checkpoint_every=2", "train.keep_checkpoints=10", *_overrides()]
+              "train.checkpoint_every=2", "train.keep_checkpoints=10", *_overrides(f"train.ema_decay={ema_decay}")]
     ref = tmp_path / "ref"
     assert train_main([*common, "--out", str(ref)]) == 0
 
