@@ -74,6 +74,15 @@ def steps(out: Path, data: Path, nproc: int) -> list[Step]:
                                    "optim.warmup_steps=120"],
                  "meld-sqrt-ctx1": ["sampler.weighting=sqrt_inverse", "data.text_context=1", "data.max_text_tokens=64",
                                     "model.fusion.max_tokens_per_modality=64"]}
+    # label smoothing, the weight average, and the seed spread they all sit in
+    sqrt, ls, ema = ["sampler.weighting=sqrt_inverse"], ["loss.label_smoothing=0.1"], ["train.ema_decay=0.995"]
+    seeds = {"": [], "-seed1": ["train.seed=1", "sampler.seed=1"], "-seed2": ["train.seed=2", "sampler.seed=2"]}
+    for suffix, seed in seeds.items():
+        if suffix:
+            meld_runs[f"meld-sqrt{suffix}"] = sqrt + seed
+        meld_runs[f"meld-sqrt-ema{suffix}"] = sqrt + ema + seed
+    meld_runs.update({"meld-sqrt-ls": sqrt + ls, "meld-sqrt-ls-ema": sqrt + ls + ema,
+                      "meld-sqrt-ls-ema-seed1": sqrt + ls + ema + seeds["-seed1"]})
     ports = iter(range(29630, 29700))
 
     def train_and_eval(name: str, config: str, shards: str, extra: list[str], split: str) -> list[Step]:
