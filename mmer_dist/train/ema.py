@@ -6,9 +6,9 @@ After every optimizer step the average moves towards the live weights:
 
 which is the bias-corrected exponential average (as in Adam): exactly sum_k d^(n-k) w_k / sum_k d^(n-k),
 so the starting weights carry no extra weight and `d` means what it says from the first step (a window
-of about 1 / (1 - d) steps: 200 for 0.995). Training always
-continues from the live weights; evaluations, the best/last choice and the export use the average
-(`with ema.applied(model): ...` swaps it in and back). Every floating-point entry of the state dict
+of about 1 / (1 - d) steps: 200 for 0.995). Training always continues from the live weights;
+evaluations, the best/last choice and the export use the average (`with ema.applied(model): ...`
+swaps it in and back). Every floating-point entry of the state dict
 is averaged (parameters and float buffers); integer buffers are copied. The average is part of every
 checkpoint (`accelerator.register_for_checkpointing`), so a resumed run continues it exactly.
 

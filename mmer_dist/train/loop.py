@@ -309,25 +309,22 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         save_checkpoint(accelerator, run_dir, state, extra, cfg.train.keep_checkpoints)
 
     def run_eval() -> None:
-        with averaged():
-            evaluate_and_choose()
-
-    def evaluate_and_choose() -> None:
-        metrics = run_eval_loader(model, eval_loader, labels, accelerator.device, loss_fn, eval_keys).metrics
-        per_class = {k: v["f1"] for k, v in metrics["per_class"].items()}
-        log.write({"step": state.step, "epoch": state.epoch, "split": cfg.data.eval_split,
-                   **{k: metrics[k] for k in (*HEADLINE, "loss")}}, per_class)
-        if main:
-            bar.write(f"step {state.step}: {cfg.data.eval_split} macro-F1 {metrics['macro_f1']:.3f} "
-                      f"weighted-F1 {metrics['weighted_f1']:.3f} acc {metrics['accuracy']:.3f}")
-        chosen = (metrics["macro_f1"] > state.best_score if cfg.train.select == "best"
-                  else state.step >= total_steps)
-        if chosen:
-            state.best_score, state.best_step = metrics["macro_f1"], state.step
-            sd = _unwrapped_state_dict(accelerator, model)
+        with averaged():   # the weight average when train.ema_decay > 0
+            metrics = run_eval_loader(model, eval_loader, labels, accelerator.device, loss_fn, eval_keys).metrics
+            per_class = {k: v["f1"] for k, v in metrics["per_class"].items()}
+            log.write({"step": state.step, "epoch": state.epoch, "split": cfg.data.eval_split,
+                       **{k: metrics[k] for k in (*HEADLINE, "loss")}}, per_class)
             if main:
-                export_model(sd, model_cfg, cfg.data, labels, run_dir / "best",
-                             {"step": state.step, "macro_f1": metrics["macro_f1"], "split": cfg.data.eval_split})
+                bar.write(f"step {state.step}: {cfg.data.eval_split} macro-F1 {metrics['macro_f1']:.3f} "
+                          f"weighted-F1 {metrics['weighted_f1']:.3f} acc {metrics['accuracy']:.3f}")
+            chosen = (metrics["macro_f1"] > state.best_score if cfg.train.select == "best"
+                      else state.step >= total_steps)
+            if chosen:
+                state.best_score, state.best_step = metrics["macro_f1"], state.step
+                sd = _unwrapped_state_dict(accelerator, model)
+                if main:
+                    export_model(sd, model_cfg, cfg.data, labels, run_dir / "best",
+                                 {"step": state.step, "macro_f1": metrics["macro_f1"], "split": cfg.data.eval_split})
 
     model.train()
     stopped = False
