@@ -28,19 +28,24 @@ from mmer_dist.models.encoders import build_tokenizer
 from mmer_dist.train.checkpoint import load_exported
 
 
-def fused_features(model_path: str, shards: str, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(features [N, width], logits [N, C], labels [N]) of every row of `split`."""
+def fused_features(model_path: str, shards: str, splits: tuple[str, ...]
+                   ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """{split: (features [N, width], logits [N, C], labels [N])} for every row of each split; the model
+    and its tokenizer are loaded once."""
     model, model_cfg, data_cfg, _labels = load_exported(model_path)
     data_cfg = replace(data_cfg, shards=shards, num_workers=0)
-    loader = build_eval_loader(shards, data_cfg, build_tokenizer(model_cfg.text), split=split)
-    feats, logits, labels = [], [], []
-    with torch.no_grad():
-        for batch in loader:
-            f = model.fusion(model.encode(batch))
-            feats.append(f)
-            logits.append(model.head(f))
-            labels.append(batch["labels"])
-    return torch.cat(feats).numpy(), torch.cat(logits).numpy(), torch.cat(labels).numpy()
+    tokenizer = build_tokenizer(model_cfg.text)
+    out = {}
+    for split in splits:
+        feats, logits, labels = [], [], []
+        with torch.no_grad():
+            for batch in build_eval_loader(shards, data_cfg, tokenizer, split=split):
+                f = model.fusion(model.encode(batch))
+                feats.append(f)
+                logits.append(model.head(f))
+                labels.append(batch["labels"])
+        out[split] = (torch.cat(feats).numpy(), torch.cat(logits).numpy(), torch.cat(labels).numpy())
+    return out
 
 
 def main() -> None:
@@ -49,8 +54,8 @@ def main() -> None:
     parser.add_argument("--shards", required=True, help="the MELD shards it was trained on (train and dev splits)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    f_train, _, y_train = fused_features(args.model, args.shards, "train")
-    f_dev, z_dev, y_dev = fused_features(args.model, args.shards, "dev")
+    by_split = fused_features(args.model, args.shards, ("train", "dev"))
+    (f_train, _, y_train), (f_dev, z_dev, y_dev) = by_split["train"], by_split["dev"]
     n_classes = z_dev.shape[1]
     counts = np.bincount(y_train, minlength=n_classes).astype(float)
     log_prior = np.log(np.maximum(counts, 1.0) / counts.sum())

@@ -104,7 +104,7 @@ def steps(out: Path, data: Path, nproc: int) -> list[Step]:
     s.append(Step("pack-ravdess-split-b", mmer("pack", "ravdess", "--root", str(data / "ravdess"), "--out", rav_b,
                                                "--test-actors", "1,2,3,4", "--dev-actors", "5,6"),
                   "shards/ravdess-split-b/index.json"))
-    seed1, best = ["train.seed=1", "sampler.seed=1"], ["train.select=best"]
+    seed1, best = seeds["-seed1"], ["train.select=best"]
     ravdess_runs = {"ravdess-audio": (rav, []), "ravdess-audio-seed1": (rav, seed1),
                     # the same trainings, exporting the best dev epoch instead of the final weights
                     "ravdess-audio-best": (rav, best), "ravdess-audio-seed1-best": (rav, seed1 + best),

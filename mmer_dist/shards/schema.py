@@ -13,7 +13,8 @@ Members of one sample (a modality the utterance lacks is absent, never empty):
 
     KEY.json   metadata: corpus, split, label, label_id, labels (the label set), speaker,
                duration, source, profile, modalities, plus `meta`: the corpus fields (dialogue/utterance
-               ids and the previous turns as `context` for MELD, RAVDESS codes); raw profile with audio inside the video file: "audio_member": "mp4"
+               ids and the previous turns as `context` for MELD, RAVDESS codes); raw profile with audio
+               inside the video file: "audio_member": "mp4"
     KEY.txt    transcript, UTF-8
     KEY.flac   audio: mono 16 kHz FLAC (profile train) / KEY.wav etc. original bytes (profile raw)
     KEY.mp4    video: re-encoded to the training profile, or the original bytes (profile raw)
