@@ -293,10 +293,14 @@ class TrainConfig:
     """"" (fresh run; refuses a run folder that has checkpoints) | latest | path of a checkpoint."""
     deepspeed: str = ""
     """Path of a DeepSpeed JSON (launch/ds_zero2.json); usually set by the launcher instead."""
+    dist_timeout_s: float = 600.0
+    """Process-group timeout: a collective that waits longer (a rank died or hangs) ends the run with an
+    error instead of waiting for torch's default (30 min for gloo, 10 for NCCL)."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1 or self.max_steps >= 1, "train.epochs or train.max_steps must be >= 1")
         _check(self.grad_accum >= 1, f"train.grad_accum={self.grad_accum} must be >= 1")
+        _check(self.dist_timeout_s > 0, f"train.dist_timeout_s={self.dist_timeout_s} must be > 0 (seconds)")
         _check_choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
         _check_choice("train.select", self.select, ("best", "last"))
         _check(0.0 <= self.ema_decay < 1.0, f"train.ema_decay={self.ema_decay} must be in [0, 1): 0 = off, "

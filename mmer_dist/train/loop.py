@@ -17,6 +17,7 @@ checkpoint and exit cleanly; `resume=latest` continues exactly where it stopped.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import platform
@@ -74,7 +75,8 @@ def build_accelerator(cfg: Config) -> Any:
     if dist.world_info().world_size > 1:
         # Without CUDA Accelerate would pick no backend (or nccl); name gloo/nccl explicitly. Passing it
         # to a single process makes Accelerate expect a process group that never starts.
-        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend=dist.backend(cuda))]
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend=dist.backend(cuda),
+                                                            timeout=datetime.timedelta(seconds=cfg.train.dist_timeout_s))]
     mp = cfg.train.mixed_precision
     if mp == "auto":
         mp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
