@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     from mmer_dist.corpora.synthetic import write_meld
     from mmer_dist.data.collate import Collator
     from mmer_dist.data.decode import decode_files
-    from mmer_dist.data.pipeline import ShardDataset, build_decoder, build_train_loader
+    from mmer_dist.data.build import build_decoder, build_train_loader
+    from mmer_dist.data.map_loader import ShardDataset
     from mmer_dist.models.encoders import build_tokenizer
     from mmer_dist.config import EncoderConfig
     from mmer_dist.shards.pack import pack

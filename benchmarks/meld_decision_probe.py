@@ -23,7 +23,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 
-from mmer_dist.data.pipeline import build_eval_loader
+from mmer_dist.data.build import build_eval_loader
 from mmer_dist.models.encoders import build_tokenizer
 from mmer_dist.train.checkpoint import load_exported
 

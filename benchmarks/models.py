@@ -17,7 +17,9 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +27,11 @@ import torch.nn.functional as F
 
 from mmer_dist.config import EncoderConfig, FusionConfig, ModelConfig
 from mmer_dist.models import build_model
-from mmer_dist.models.encoders import EncoderLoadError, build_encoder, example_batch
+from mmer_dist.models.encoders import EncoderLoadError
+from mmer_dist.models.registry import build_encoder
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import example_batch  # noqa: E402  (the tests' random batches, tests/helpers.py)
 
 FUSION = {"debug": FusionConfig(width=32, layers=1, heads=2), "small": FusionConfig(width=64, layers=2, heads=4),
           "base": FusionConfig(width=256, layers=4, heads=4)}

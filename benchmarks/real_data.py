@@ -176,7 +176,7 @@ def decode_check(shards: str) -> dict[str, Any]:
     import torch
 
     from mmer_dist.config import DataConfig, EncoderConfig
-    from mmer_dist.data.pipeline import build_eval_loader
+    from mmer_dist.data.build import build_eval_loader
     from mmer_dist.models.encoders import build_tokenizer
     from mmer_dist.shards.schema import load_index
 

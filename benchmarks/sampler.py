@@ -56,7 +56,8 @@ def run_one(method: str, n: int, ranks: int, threads: int) -> dict:
     import numpy as np
     import torch
 
-    from mmer_dist.data.sampler import DistributedWeightedSampler, class_counts, class_weights, sample_weights
+    from mmer_dist.data.sampler import DistributedWeightedSampler
+    from mmer_dist.weighting import class_counts, class_weights, sample_weights
 
     torch.set_num_threads(threads)
     after_import = _rss_mb("VmRSS")

@@ -245,7 +245,8 @@ def cache_batches(config: str, shards: Path, path: Path) -> dict[str, Any]:
 
     from mmer_dist.config import load_config
     from mmer_dist.data.collate import Collator
-    from mmer_dist.data.pipeline import ShardDataset, build_decoder
+    from mmer_dist.data.build import build_decoder
+    from mmer_dist.data.map_loader import ShardDataset
     from mmer_dist.models.encoders import build_tokenizer
 
     cfg = load_config(config, [f"data.shards={shards}"])
@@ -366,7 +367,8 @@ def decode_figure(work: Path, n: int, repeat: int, env: dict[str, Any]) -> None:
 
     from mmer_dist.config import DataConfig, EncoderConfig
     from mmer_dist.corpora.synthetic import write_corpus
-    from mmer_dist.data.pipeline import ShardDataset, build_decoder
+    from mmer_dist.data.build import build_decoder
+    from mmer_dist.data.map_loader import ShardDataset
     from mmer_dist.models.encoders import build_tokenizer
     from mmer_dist.shards.pack import pack
 

@@ -26,9 +26,13 @@ from typing import Any, Literal
 
 import yaml
 
+from mmer_dist.weighting import SCHEMES
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 MODALITIES = ("text", "audio", "video")
+LOSSES = ("ce", "weighted_ce", "focal", "class_balanced", "logit_adjusted")
+"""Training losses (mmer_dist.models.heads.build_loss builds each)."""
 
 
 class ConfigError(ValueError):
@@ -63,8 +67,7 @@ class SamplerConfig:
     """Seed of the global draw; every rank derives the same draw from (seed, epoch)."""
 
     def __post_init__(self) -> None:
-        _check_choice("sampler.weighting", self.weighting,
-                      ("none", "inverse", "sqrt_inverse", "effective_number", "manual"))
+        _check_choice("sampler.weighting", self.weighting, SCHEMES)
         _check(0.0 < self.beta < 1.0, f"sampler.beta={self.beta} must be in (0, 1), e.g. 0.999")
         _check(self.weighting != "manual" or bool(self.class_weights),
                "sampler.weighting=manual needs sampler.class_weights={neutral: 1.0, fear: 5.0, ...}")
@@ -234,7 +237,7 @@ class LossConfig:
     """Logit-adjusted loss: strength of the prior offset (1 = aim at the balanced error, 0 = plain CE)."""
 
     def __post_init__(self) -> None:
-        _check_choice("loss.name", self.name, ("ce", "weighted_ce", "focal", "class_balanced", "logit_adjusted"))
+        _check_choice("loss.name", self.name, LOSSES)
         _check(self.la_tau >= 0.0, "loss.la_tau must be >= 0 (0 = plain cross-entropy)")
         _check(0.0 <= self.label_smoothing < 1.0, "loss.label_smoothing must be in [0, 1)")
         _check(self.focal_gamma >= 0.0, "loss.focal_gamma must be >= 0")

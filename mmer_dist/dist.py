@@ -18,11 +18,19 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import torch
-import torch.distributed as torch_dist
+if TYPE_CHECKING:
+    import torch
+
+
+def _torch_dist() -> Any:
+    """torch.distributed, imported on first use: world info and Slurm helpers need no torch (fast --help)."""
+    import torch.distributed
+
+    return torch.distributed
 
 
 @dataclass(frozen=True)
@@ -98,12 +106,17 @@ def export_slurm_env(env: dict[str, str] | None = None) -> None:
 
 def backend(cuda_available: bool | None = None) -> str:
     """nccl when every rank has a GPU, gloo otherwise (CPU runs, tests)."""
+    import torch
+
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
     return "nccl" if cuda else "gloo"
 
 
 def is_initialized() -> bool:
-    return torch_dist.is_available() and torch_dist.is_initialized()
+    if "torch" not in sys.modules:      # nothing can have started a process group
+        return False
+    td = _torch_dist()
+    return td.is_available() and td.is_initialized()
 
 
 def init_process_group(timeout_s: float = 1800.0) -> WorldInfo:
@@ -114,17 +127,17 @@ def init_process_group(timeout_s: float = 1800.0) -> WorldInfo:
     if info.world_size > 1 and not is_initialized():
         os.environ.setdefault("MASTER_ADDR", info.master_addr)
         os.environ.setdefault("MASTER_PORT", str(info.master_port))
-        torch_dist.init_process_group(backend=backend(), rank=info.rank, world_size=info.world_size,
+        _torch_dist().init_process_group(backend=backend(), rank=info.rank, world_size=info.world_size,
                                       timeout=datetime.timedelta(seconds=timeout_s))
     return info
 
 
 def rank() -> int:
-    return torch_dist.get_rank() if is_initialized() else world_info().rank
+    return _torch_dist().get_rank() if is_initialized() else world_info().rank
 
 
 def world_size() -> int:
-    return torch_dist.get_world_size() if is_initialized() else world_info().world_size
+    return _torch_dist().get_world_size() if is_initialized() else world_info().world_size
 
 
 def is_main() -> bool:
@@ -133,11 +146,13 @@ def is_main() -> bool:
 
 def barrier() -> None:
     if is_initialized():
-        torch_dist.barrier()
+        _torch_dist().barrier()
 
 
 def _device_for_comm() -> torch.device:
-    if is_initialized() and torch_dist.get_backend() == "nccl":
+    import torch
+
+    if is_initialized() and _torch_dist().get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -146,26 +161,26 @@ def _all_reduce(t: torch.Tensor, op: Any) -> torch.Tensor:
     if not is_initialized():
         return t.clone()
     out = t.detach().to(_device_for_comm()).clone()
-    torch_dist.all_reduce(out, op=op)
+    _torch_dist().all_reduce(out, op=op)
     return out.to(t.device)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum of `t` over ranks (a new tensor on `t`'s device; `t` itself is unchanged)."""
-    return _all_reduce(t, torch_dist.ReduceOp.SUM)
+    return _all_reduce(t, _torch_dist().ReduceOp.SUM)
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     """Element-wise maximum of `t` over ranks (a new tensor on `t`'s device)."""
-    return _all_reduce(t, torch_dist.ReduceOp.MAX)
+    return _all_reduce(t, _torch_dist().ReduceOp.MAX)
 
 
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order (a one-element list for a single process)."""
     if not is_initialized():
         return [obj]
-    out: list[Any] = [None] * torch_dist.get_world_size()
-    torch_dist.all_gather_object(out, obj)
+    out: list[Any] = [None] * _torch_dist().get_world_size()
+    _torch_dist().all_gather_object(out, obj)
     return out
 
 
@@ -174,5 +189,5 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not is_initialized():
         return obj
     box = [obj]
-    torch_dist.broadcast_object_list(box, src=src)
+    _torch_dist().broadcast_object_list(box, src=src)
     return box[0]

@@ -43,15 +43,18 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from mmer_dist import dist
 from mmer_dist.config import Config, ConfigError, load_config, replace, to_dict
+from mmer_dist.shards.merge import merge_stats, record_diff, split_lines
 from mmer_dist.shards.schema import (INDEX_FILE, META_EXT, SKIPPED_FILE, SampleEntry, ShardIndex, ShardStats,
-                                     SplitIndex, load_index, read_stats, write_json_atomic)
+                                     load_index, write_json_atomic)
+
+if TYPE_CHECKING:
+    import torch
 
 EMBED_FILE = "embed.json"
 EMBED_PROFILE = "embeddings"
@@ -83,6 +86,7 @@ class EmbedResult:
 
 def weights_sha256(module: torch.nn.Module) -> str:
     """sha256 over the state dict (names, dtypes, shapes, bytes): identifies the exact weights."""
+    import torch
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
         t = t.detach().to("cpu").contiguous()
@@ -93,6 +97,8 @@ def weights_sha256(module: torch.nn.Module) -> str:
 
 def build_encoders(cfg: Config, modalities: tuple[str, ...], num_classes: int) -> tuple[Any, dict[str, dict[str, Any]]]:
     """The frozen encoders embed runs (built as `mmer-dist train` builds them) and their index records."""
+    import torch
+
     from mmer_dist.models import build_model
     from mmer_dist.models.cached import source_config, source_name
 
@@ -132,7 +138,7 @@ def build_encoders(cfg: Config, modalities: tuple[str, ...], num_classes: int) -
 # --------------------------------------------------------------------------- reading the input
 
 
-class _Items(torch.utils.data.Dataset):
+class _Items:
     """(index, decoded sample or Skipped, KEY.json bytes, duration) for the DataLoader workers."""
 
     def __init__(self, dataset: Any) -> None:
@@ -155,6 +161,8 @@ def _collate_items(items: list[tuple[int, Any, bytes | None, float]]) -> list[tu
 
 def embed_member(tokens: torch.Tensor) -> bytes:
     """[T, D] or [D] features -> `.npy` bytes (float16, little-endian, C order)."""
+    import torch
+
     arr = np.ascontiguousarray(tokens.detach().to("cpu", torch.float32).numpy().astype("<f2"))
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
@@ -182,18 +190,37 @@ def _write_shard(out: Path, name: str, split: str, labels: list[str], rows: list
     write_stats(out, stats)
 
 
-def _embed_split(model: Any, cfg: Config, shards_in: Path, out: Path, split: str, jobs: list[tuple[str, int]],
-                 tokenizer: Any, labels: list[str], modalities: tuple[str, ...], device: torch.device,
-                 bar: Any) -> tuple[list[str], int, Counter]:
+@dataclass
+class _Embedder:
+    """What embedding any split of the run needs: the encoders, the input and output, the progress bar."""
+
+    model: Any
+    cfg: Config
+    shards_in: Path
+    index_in: ShardIndex
+    out: Path
+    tokenizer: Any
+    modalities: tuple[str, ...]
+    device: Any
+    bar: Any
+
+
+def _embed_split(e: _Embedder, split: str, jobs: list[tuple[str, int]]) -> tuple[list[str], int, Counter]:
     """Embed this rank's shards `jobs` [(name, shard position in the split)] of one split."""
+    import torch
     from torch.utils.data import DataLoader
 
+    from mmer_dist.data.build import build_decoder
     from mmer_dist.data.collate import Collator
     from mmer_dist.data.decode import Skipped, embedding_ext
-    from mmer_dist.data.pipeline import ShardDataset, build_decoder
+    from mmer_dist.data.map_loader import ShardDataset
 
+    model, cfg, shards_in, out, tokenizer, modalities, device, bar = (
+        e.model, e.cfg, e.shards_in, e.out, e.tokenizer, e.modalities, e.device, e.bar)
+    labels = list(e.index_in.labels)
     data_cfg = replace(cfg.data, modalities=modalities)
-    dataset = ShardDataset(shards_in, split, data_cfg, build_decoder(data_cfg, tokenizer, train=False))
+    dataset = ShardDataset(shards_in, split, data_cfg, build_decoder(data_cfg, tokenizer, train=False),
+                           index=e.index_in)
     collate = Collator.for_tokenizer(data_cfg, tokenizer)
     b = cfg.data.eval_batch_size
     batches, owner = [], []                         # batches never cross a shard: bytes independent of ranks
@@ -280,11 +307,9 @@ def _check_out(out: Path, record: dict[str, Any]) -> None:
     if out.exists() and not out.is_dir():
         raise EmbedError(f"--out {out} exists and is not a folder; choose another path")
     if path.exists():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
+        diff = record_diff(json.loads(path.read_text(encoding="utf-8")), record, lambda v: json.dumps(v)[:300])
         if diff:
-            lines = "\n".join(f"  {k}: existing {json.dumps(old.get(k))[:300]}, now {json.dumps(record.get(k))[:300]}"
-                              for k in diff)
+            lines = "\n".join(diff)
             raise EmbedError(f"{out} holds embeddings made with other settings:\n{lines}\n"
                              f"Use another --out, the same config (to resume), or delete {out}.")
     elif out.exists() and any(out.iterdir()):
@@ -298,21 +323,11 @@ def _merge(out: Path, shards_in: Path, index_in: ShardIndex, plan: list[tuple[st
            records: dict[str, dict[str, Any]], record_hash: str) -> ShardIndex:
     """index.json (same splits and shard order as the input) and skipped.json, from the stats files."""
     labels = list(index_in.labels)
-    splits: dict[str, SplitIndex] = {s: SplitIndex(class_counts={k: 0 for k in labels}) for s in index_in.splits}
-    dropped: Counter = Counter()
-    files: dict[str, list[str]] = {}
-    for split, name, _ in plan:
-        stats = read_stats(out, name)
-        for s in stats.skipped:
-            dropped[s["reason"]] += 1
-            files.setdefault(s["reason"], []).append(f"{s['key']} ({s['path']}): {s['detail']}")
-        if not stats.samples:
-            continue
-        si = splits[split]
-        si.add_shard(name, stats)
+    merged = merge_stats(out, [(split, name) for split, name, _ in plan], labels, list(index_in.splits))
+    dropped = merged.dropped
     from mmer_dist.models.cached import EMBEDDINGS_KEY
 
-    index = ShardIndex(corpus=index_in.corpus, profile=EMBED_PROFILE, labels=labels, splits=splits,
+    index = ShardIndex(corpus=index_in.corpus, profile=EMBED_PROFILE, labels=labels, splits=merged.splits,
                        extra={EMBEDDINGS_KEY: records, "embed_hash": record_hash, "input": str(shards_in.resolve()),
                               "input_profile": index_in.profile, "input_extra": index_in.extra})
     write_json_atomic(out / INDEX_FILE, index.to_json())
@@ -321,16 +336,17 @@ def _merge(out: Path, shards_in: Path, index_in: ShardIndex, plan: list[tuple[st
     write_json_atomic(out / SKIPPED_FILE, {
         "dropped": dict(sorted(total.items())), "degraded": before.get("degraded", {}),
         "total_dropped": sum(total.values()), "total_degraded": before.get("total_degraded", 0),
-        "embed": {"dropped": dict(sorted(dropped.items())), "files": files}, "input": before})
+        "embed": {"dropped": dict(sorted(dropped.items())), "files": merged.files}, "input": before})
     return index
 
 
 def embed(cfg: Config, shards_in: str | Path, out: str | Path, *, progress: bool = True) -> EmbedResult:
     """Embed the media shards `shards_in` into `out` on this process's share (see the module docstring)."""
+    import torch
     from tqdm.auto import tqdm
 
     from mmer_dist.models.cached import EMBEDDINGS_KEY
-    from mmer_dist.models.encoders import build_tokenizer
+    from mmer_dist.models import build_tokenizer
     from mmer_dist.shards.writer import is_complete
 
     t0 = time.perf_counter()
@@ -372,12 +388,12 @@ def embed(cfg: Config, shards_in: str | Path, out: str | Path, *, progress: bool
                disable=not (progress and dist.is_main()), dynamic_ncols=sys.stderr.isatty(),
                mininterval=0.5 if sys.stderr.isatty() else 30.0)
     written, n_samples, dropped = [], 0, Counter()
-    labels = list(index_in.labels)
+    embedder = _Embedder(model, cfg, shards_in, index_in, out, tokenizer, modalities, device, bar)
     t1 = time.perf_counter()
     for split in index_in.splits:
         jobs = [(name, pos) for s, name, pos in mine if s == split]
         if jobs:
-            w, n, d = _embed_split(model, cfg, shards_in, out, split, jobs, tokenizer, labels, modalities, device, bar)
+            w, n, d = _embed_split(embedder, split, jobs)
             written += w
             n_samples += n
             dropped.update(d)
@@ -405,15 +421,28 @@ def summary(res: EmbedResult) -> str:
     if res.dropped:
         lines.append("  dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(res.dropped.items())))
     if res.index is not None:
-        for split, si in res.index.splits.items():
-            lines.append(f"  {split}: {si.num_samples} samples in {len(si.shards)} shards, {si.bytes / 1e6:.1f} MB")
+        lines += split_lines(res.index)
         lines.append("train on them with a config whose encoders are cached, e.g. overrides: "
                      + " ".join(cached_overrides(m, r) for m, r in res.records.items()))
     return "\n".join(lines)
 
 
-def embed_main(args: argparse.Namespace) -> int:
-    """`mmer-dist embed`: config + overrides -> `embed`, summary on the main rank."""
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmer-dist embed",
+                                description="Run the frozen encoders of a config once over media shards and write embedding "
+                                   "shards (same keys and splits) to train kind=cached models on. Resumable: run the "
+                                   "same command again; with torchrun -m mmer_dist.embed each rank embeds its shards.")
+    p.add_argument("--config", required=True, help="preset name or YAML naming the encoders")
+    p.add_argument("--shards", required=True, help="media shards folder")
+    p.add_argument("--out", required=True, help="embedding shards folder")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.text.pooling=mean")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`mmer-dist embed` and `python -m mmer_dist.embed` (for torchrun / accelerate launch -m): config +
+    overrides -> `embed`, summary on the main rank."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, list(args.overrides or []))
         res = embed(cfg, args.shards, args.out)
@@ -423,13 +452,6 @@ def embed_main(args: argparse.Namespace) -> int:
     if dist.is_main():
         print(summary(res), flush=True)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m mmer_dist.embed` (for torchrun / accelerate launch -m): same flags as `mmer-dist embed`."""
-    from mmer_dist.cli import build_parser
-
-    return embed_main(build_parser().parse_args(["embed", *(sys.argv[1:] if argv is None else argv)]))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ dropped before the reduction), so 1 and N processes write the identical metrics.
     torchrun --nproc_per_node 2 -m mmer_dist.evaluate --model runs/debug --shards ... --split test --out ...
 
 Writes OUT/metrics.json (macro_f1 headline, weighted_f1, accuracy, uar, per_class, confusion
-matrix), OUT/predictions.jsonl, OUT/confusion.png, OUT/per_class_f1.png and, when the model
-comes from a run folder with logs, OUT/curves.png; prints a table.
+matrix, and the training criterion's loss when the export records it), OUT/predictions.jsonl,
+OUT/confusion.png, OUT/per_class_f1.png and, when the model comes from a run folder with logs,
+OUT/curves.png; prints a table.
 """
 
 from __future__ import annotations
@@ -18,38 +19,49 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 
-from mmer_dist import dist
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mmer-dist eval",
+        description="Evaluate a trained model on one split: metrics.json (macro-F1 headline), predictions.jsonl "
+                    "and plots in --out. Runs on any number of processes (torchrun --nproc_per_node N "
+                    "-m mmer_dist.evaluate ...) with identical metrics.")
+    p.add_argument("--model", required=True, help="run folder (uses its best checkpoint) or exported model folder")
+    p.add_argument("--shards", required=True, help="shards folder")
+    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    p.add_argument("--out", required=True, help="folder for metrics.json, predictions.jsonl and the plots")
+    p.add_argument("--batch-size", type=int, default=32, help="evaluation batch size per process (default: 32)")
+    return p
 
 
 def evaluate_model(model_path: str | Path, shards: str | Path, split: str, out: str | Path,
                    batch_size: int = 32) -> dict[str, Any]:
     """Evaluate on this process's part of the split; every rank returns the same metrics."""
+    import torch
+
+    from mmer_dist import dist
     from mmer_dist.config import replace
-    from mmer_dist.data.pipeline import build_eval_loader
-    from mmer_dist.models.encoders import build_tokenizer
+    from mmer_dist.data.build import build_eval_loader
+    from mmer_dist.models import build_tokenizer
+    from mmer_dist.models.cached import check_embeddings
     from mmer_dist.report import print_table, write_eval_report
-    from mmer_dist.shards.schema import load_index, split_index
-    from mmer_dist.train.checkpoint import find_export, load_exported
-    from mmer_dist.train.loop import run_eval_loader
+    from mmer_dist.shards.schema import load_index
+    from mmer_dist.train.checkpoint import find_export, load_criterion, load_exported
+    from mmer_dist.train.evaluation import evaluate
 
     info = dist.init_process_group()
     export_dir = find_export(model_path)
     model, model_cfg, data_cfg, labels = load_exported(export_dir)
     index = load_index(shards)
-    from mmer_dist.models.cached import check_embeddings
-
     check_embeddings(index.extra, model_cfg, data_cfg.modalities, shards)   # cached model <-> embeddings of its encoder
-    keys = split_index(index, split, shards).keys
     if list(index.labels) != labels:
         raise ValueError(f"the model predicts {labels} but {shards} is labelled {list(index.labels)}; "
                          f"evaluate on shards of the corpus (label set) the model was trained on")
     data_cfg = replace(data_cfg, shards=str(shards), eval_batch_size=batch_size)
     tokenizer = build_tokenizer(model_cfg.text) if "text" in data_cfg.modalities else None
     loader = build_eval_loader(str(shards), data_cfg, tokenizer, split=split, rank=info.rank,
-                               world_size=info.world_size)
-    result = run_eval_loader(model, loader, labels, torch.device("cpu"), expected_keys=keys)
+                               world_size=info.world_size, index=index)
+    result = evaluate(model, loader, torch.device("cpu"), load_criterion(export_dir))
     out = Path(out)
     metrics = result.metrics
     metrics.update({"split": split, "shards": str(shards), "model": str(export_dir)})
@@ -65,7 +77,8 @@ def evaluate_model(model_path: str | Path, shards: str | Path, split: str, out: 
     return metrics
 
 
-def eval_main(args: argparse.Namespace) -> int:
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         evaluate_model(args.model, args.shards, args.split, args.out, args.batch_size)
     except (FileNotFoundError, KeyError, ValueError) as e:   # ConfigError is a ValueError
@@ -75,6 +88,4 @@ def eval_main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from mmer_dist.cli import build_parser
-
-    sys.exit(eval_main(build_parser().parse_args(["eval", *sys.argv[1:]])))
+    sys.exit(main())

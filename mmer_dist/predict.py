@@ -14,15 +14,31 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mmer-dist predict",
+        description="Predict the emotion of one raw utterance, decoded exactly as in training with the decode "
+                    "settings stored in the exported model.")
+    p.add_argument("--model", required=True, help="run folder or exported model folder")
+    p.add_argument("--video", default=None, help="video clip (mp4); its audio track is used when --audio is not given")
+    p.add_argument("--audio", default=None, help="audio file (wav, flac, mp3, or a video's audio track)")
+    p.add_argument("--text", default=None, help="transcript")
+    p.add_argument("--context", action="append", default=None, metavar="'SPEAKER: WORDS'",
+                   help="an earlier turn of the dialogue (repeat, oldest first); used by models trained with "
+                        "data.text_context > 0, which read the last N of them after the transcript")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return p
 
 
 def predict(model_path: str | Path, video: str | None = None, audio: str | None = None,
             text: str | None = None, context: list[str] | None = None) -> dict[str, Any]:
     """{"label": name, "probabilities": {name: p}, "modalities": [used]} for one utterance."""
+    import torch
+
     from mmer_dist.data.collate import Collator
     from mmer_dist.data.decode import decode_files
-    from mmer_dist.models.encoders import build_tokenizer
+    from mmer_dist.models import build_tokenizer
     from mmer_dist.train.checkpoint import load_exported
 
     if not (video or audio or text):
@@ -43,7 +59,8 @@ def predict(model_path: str | Path, video: str | None = None, audio: str | None 
             "modalities": used}
 
 
-def predict_main(args: argparse.Namespace) -> int:
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     from mmer_dist.data.decode import DecodeError
 
     try:

@@ -378,8 +378,18 @@ def plot_compare(cmp: Mapping[str, Any], path: str | Path) -> "Figure":
     return save_png(fig, path)
 
 
-def compare_main(args: argparse.Namespace) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmer-dist compare",
+                                description="Compare the metrics.json of several runs or evaluations: a table of the "
+                                   "headline metrics and per-class F1, optionally compare.png and compare.json.")
+    p.add_argument("runs", nargs="+", help="run folders, eval folders or metrics.json files")
+    p.add_argument("--out", default="", help="folder for compare.png and compare.json (default: none)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
     """`mmer-dist compare RUN_OR_METRICS ... [--out DIR]`: print the table; with --out write compare.json/png."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cmp = compare_runs(list(args.runs))
     except (MetricsNotFoundError, ValueError) as e:

@@ -32,6 +32,8 @@ build; a different FFmpeg build may encode differently.
 
 from __future__ import annotations
 
+import argparse
+
 import csv
 import math
 import time
@@ -332,6 +334,20 @@ def write_ravdess(
             + f"; noise={noise:g}, seed={seed}; {elapsed:.1f} s, {(n_wav + n_mp4) / max(elapsed, 1e-9):.1f} files/s")
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmer-dist synth",
+                                description="Write a synthetic corpus in MELD's (CSV + dia{D}_utt{U}.mp4) or RAVDESS's "
+                                   "(Actor_XX/MM-VV-EE-II-SS-RR-AA.{wav,mp4}) raw layout. Emotion shifts the "
+                                   "voice, the drawn face and the words, so every modality is learnable.")
+    p.add_argument("corpus", choices=["meld", "ravdess"])
+    p.add_argument("--out", required=True, help="folder to create (must be empty or absent)")
+    p.add_argument("--n", type=int, default=None,
+                   help="utterances (MELD: total over splits; RAVDESS: per actor is derived). Default: a small corpus")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
+    p.add_argument("--no-video", action="store_true", help="skip the mp4 clips (text/audio only)")
+    return p
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -342,3 +358,12 @@ def write_corpus(corpus: str, out: str | Path, n: int | None = None, seed: int =
     if corpus == "ravdess":
         return write_ravdess(out, n=n, seed=seed, video=video, **options)
     raise ValueError(f"unknown corpus {corpus!r}; expected 'meld' or 'ravdess'")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`mmer-dist synth`: write the corpus, print its summary."""
+    import sys
+
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    print(write_corpus(args.corpus, args.out, n=args.n, seed=args.seed, video=not args.no_video))
+    return 0

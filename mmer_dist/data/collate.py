@@ -141,15 +141,3 @@ def bucket_batches(indices: Sequence[int], lengths: Sequence[float], batch_size:
         batches.extend(chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size))
     random.Random(seed).shuffle(batches)
     return batches
-
-
-def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[float]) -> float:
-    """Share of padded positions when each batch is padded to its longest member (for reports)."""
-    total = real = 0.0
-    for b in batches:
-        if not b:
-            continue
-        longest = max(lengths[i] for i in b)
-        total += longest * len(b)
-        real += sum(lengths[i] for i in b)
-    return 0.0 if total == 0 else 1.0 - real / total

@@ -1,8 +1,8 @@
-"""The distributed weighted sampler, the class-weight helpers, eval splits.
+"""The distributed weighted sampler and the eval split's division over ranks.
 
-Training (map-style loader over the shard index):
+Training (the map-style loader, mmer_dist.data.map_loader, builds it from the index):
 
-    cw = class_weights(counts, "inverse")                     # per class, from the index's class counts
+    cw = class_weights(counts, "inverse")                     # mmer_dist.weighting, per class
     sampler = DistributedWeightedSampler(sample_weights(labels, cw), seed=cfg.seed)
     loader = DataLoader(dataset, batch_size=B, sampler=sampler, num_workers=W)
     for epoch in ...:
@@ -12,9 +12,9 @@ Training (map-style loader over the shard index):
             sampler.advance(B)              # what the loop consumed, NOT what __iter__ yielded
             state = sampler.state_dict()    # a fresh sampler that loads it yields exactly the rest
 
-Evaluation: `eval_indices(n, num_replicas, rank)` / `DistributedEvalSampler` (equal length per rank,
-padding flagged so metrics drop it). Streaming: `ClassBalancedStream` in mmer_dist.data.stream
-(a WebDataset stage) reaches `class_target_distribution(counts, class_weights(...))`.
+Evaluation: `eval_indices(n, num_replicas, rank)` (equal length per rank, padding flagged so metrics
+drop it). Streaming: `ClassBalancedStream` (mmer_dist.data.balance, a WebDataset stage) reaches the
+same class mix, `mmer_dist.weighting.class_target_distribution(counts, class_weights(...))`.
 
 The global draw. Every rank derives the same sequence of `total = num_samples * num_replicas`
 dataset indices from (seed, epoch) and keeps the global positions `rank, rank + R, rank + 2R, ...`
@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -64,46 +64,19 @@ import torch
 from torch.utils.data import Sampler
 
 from mmer_dist import dist
+from mmer_dist.data.seeds import mix
 
-__all__ = [
-    "SCHEMES",
-    "DistributedWeightedSampler",
-    "DistributedEvalSampler",
-    "class_counts",
-    "class_weights",
-    "sample_weights",
-    "expected_class_distribution",
-    "class_target_distribution",
-    "eval_indices",
-]
-
-SCHEMES: tuple[str, ...] = ("none", "inverse", "sqrt_inverse", "effective_number", "manual")
+__all__ = ["DistributedWeightedSampler", "eval_indices"]
 
 _BLOCK = 1 << 20            # random numbers per seeded generator block (part of the draw's definition)
-_MASK64 = (1 << 64) - 1
 _STATE_FORMAT = "mmer_dist.DistributedWeightedSampler/1"
 
 
 # --------------------------------------------------------------------------- random numbers
 
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def _mix(*parts: int) -> int:
-    """A 63-bit seed from integers (any sign); different tuples give unrelated seeds."""
-    h = 0x6A09E667F3BCC908
-    for p in parts:
-        h = _splitmix64(h ^ (int(p) & _MASK64))
-    return h >> 1
-
-
 def _uniform_block(seed: int, epoch: int, stream: int, block: int, length: int) -> np.ndarray:
     """Uniforms in [0, 1) of block `block` of a stream: a torch.Generator seeded by the tuple."""
-    g = torch.Generator().manual_seed(_mix(seed, epoch, stream, block))
+    g = torch.Generator().manual_seed(mix(seed, epoch, stream, block))
     return torch.rand(length, generator=g, dtype=torch.float64).numpy()
 
 
@@ -275,7 +248,7 @@ class DistributedWeightedSampler(Sampler[int]):
         w = self.weights
         n, m = w.size, self.num_drawable
         if m == n and w.min() == w.max():
-            g = torch.Generator().manual_seed(_mix(self.seed, self.epoch, _STREAM_PERM, 0))
+            g = torch.Generator().manual_seed(mix(self.seed, self.epoch, _STREAM_PERM, 0))
             return torch.randperm(n, generator=g).numpy()
         idx_bits = max(1, (n - 1).bit_length())
         packed = np.empty(n, dtype=np.uint64)
@@ -403,149 +376,3 @@ def eval_indices(n: int, num_replicas: int | None = None,
     pos = rank + num_replicas * torch.arange(per, dtype=torch.int64)
     padding = pos >= n
     return (pos % n if n else pos), padding
-
-
-class DistributedEvalSampler(Sampler[int]):
-    """Sampler over `eval_indices(n, num_replicas, rank)`; `.is_padding` aligns with what it yields."""
-
-    def __init__(self, n: int, num_replicas: int | None = None, rank: int | None = None) -> None:
-        self.indices, self.is_padding = eval_indices(n, num_replicas, rank)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices.tolist())
-
-    def __len__(self) -> int:
-        return int(self.indices.numel())
-
-    @property
-    def num_padding(self) -> int:
-        return int(self.is_padding.sum())
-
-
-# --------------------------------------------------------------------------- class weights
-
-def class_counts(labels: Any, num_classes: int) -> np.ndarray:
-    """Samples per class id (int64, num_classes long); refuses label ids outside [0, num_classes)."""
-    y = _as_labels(labels, num_classes)
-    return np.bincount(y, minlength=num_classes).astype(np.int64)
-
-
-def _as_labels(labels: Any, num_classes: int | None) -> np.ndarray:
-    y = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-    if y.ndim != 1:
-        raise ValueError(f"labels must be 1-D (one label id per sample), got shape {tuple(y.shape)}")
-    if y.size and not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"labels must be integer class ids, got dtype {y.dtype}")
-    y = y.astype(np.int64, copy=False)
-    if y.size:
-        hi = num_classes if num_classes is not None else np.iinfo(np.int64).max
-        bad = (y < 0) | (y >= hi)
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise ValueError(f"labels[{i}] = {y[i]} is not a class id in [0, {hi}) "
-                             f"({int(bad.sum())} such labels); check the label set of the index")
-    return y
-
-
-def _as_counts(counts: Any, label_names: Sequence[str] | None) -> np.ndarray:
-    if isinstance(counts, Mapping):
-        if label_names is None:
-            raise ValueError("class counts given by name need label_names=... to fix the class order")
-        unknown = sorted(set(counts) - set(label_names))
-        if unknown:
-            raise ValueError(f"class counts for unknown labels {unknown}; valid: {', '.join(label_names)}")
-        counts = [counts.get(name, 0) for name in label_names]
-    c = counts.detach().cpu().numpy() if isinstance(counts, torch.Tensor) else np.asarray(counts)
-    if c.ndim != 1 or c.size == 0:
-        raise ValueError(f"class counts must be a non-empty 1-D sequence, got shape {tuple(c.shape)}")
-    c = c.astype(np.float64)
-    if not np.isfinite(c).all() or (c < 0).any():
-        i = int(np.argmax(~np.isfinite(c) | (c < 0)))
-        raise ValueError(f"class count [{i}] = {c[i]} must be a finite number >= 0")
-    if label_names is not None and len(label_names) != c.size:
-        raise ValueError(f"{c.size} class counts but {len(label_names)} label_names")
-    return c
-
-
-def class_weights(counts: Any, scheme: str, beta: float = 0.999, manual: Mapping[str, float] | None = None,
-                  label_names: Sequence[str] | None = None) -> np.ndarray:
-    """Per-class weights (float64, one per class) from per-class sample counts.
-
-    `counts`: a sequence/array of counts in class-id order, or a {label name: count} mapping
-    (then `label_names` gives the order; use `class_counts(labels, C)` to count label ids).
-
-    * none: 1 for every class (plain shuffle).
-    * inverse: 1 / n_c.   * sqrt_inverse: 1 / sqrt(n_c).
-    * effective_number (Cui et al., CVPR 2019): (1 - beta) / (1 - beta ** n_c).
-    * manual: `manual[name]` by label name (needs `label_names`); names not in the label set are an
-      error listing the valid ones; classes the mapping leaves out get 1.0. Used as given (not rescaled).
-
-    inverse / sqrt_inverse / effective_number give 0 to classes with no samples and are rescaled so
-    the classes present sum to their number (Cui et al.'s normalisation): the same weights then
-    suit a loss as well as a sampler (for which only ratios matter).
-    """
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown weighting scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
-    c = _as_counts(counts, label_names)
-    present = c > 0
-    if scheme == "none":
-        return np.ones_like(c)
-    if scheme == "manual":
-        if manual is None or label_names is None:
-            raise ValueError("weighting=manual needs manual={label: weight, ...} and label_names")
-        unknown = sorted(set(manual) - set(label_names))
-        if unknown:
-            raise ValueError(f"manual class weights name unknown labels {unknown}; valid: {', '.join(label_names)}")
-        w = np.array([float(manual.get(name, 1.0)) for name in label_names], dtype=np.float64)
-        bad = ~np.isfinite(w) | (w < 0)
-        if bad.any():
-            name = label_names[int(np.argmax(bad))]
-            raise ValueError(f"manual class weight for {name!r} = {manual[name]} must be finite and >= 0")
-        return w
-    if not present.any():
-        raise ValueError(f"every class count is zero ({c.tolist()}): no weights can be derived")
-    w = np.zeros_like(c)
-    if scheme == "inverse":
-        w[present] = 1.0 / c[present]
-    elif scheme == "sqrt_inverse":
-        w[present] = 1.0 / np.sqrt(c[present])
-    else:
-        if not 0.0 < beta < 1.0:
-            raise ValueError(f"beta={beta} must be in (0, 1) for effective_number, e.g. 0.999")
-        # 1 - beta**n computed as -expm1(n*log(beta)): exact for beta close to 1.
-        w[present] = (1.0 - beta) / -np.expm1(c[present] * math.log(beta))
-    w *= present.sum() / w.sum()
-    return w
-
-
-def sample_weights(labels: Any, class_w: Any) -> np.ndarray:
-    """Per-sample weights: `class_w[label]` of each sample (float64); refuses out-of-range labels."""
-    cw = class_w.detach().cpu().numpy() if isinstance(class_w, torch.Tensor) else np.asarray(class_w, dtype=np.float64)
-    cw = cw.astype(np.float64, copy=False)
-    if cw.ndim != 1:
-        raise ValueError(f"class weights must be 1-D, got shape {tuple(cw.shape)}")
-    y = _as_labels(labels, cw.size)
-    return cw[y]
-
-
-def expected_class_distribution(labels: Any, sample_w: Any, num_classes: int | None = None) -> np.ndarray:
-    """P(class c) of one draw from `sample_w`: sum of the weights of class c over the total."""
-    w = _as_weights(sample_w)
-    y = _as_labels(labels, num_classes)
-    if y.size != w.size:
-        raise ValueError(f"{y.size} labels but {w.size} sample weights")
-    k = num_classes if num_classes is not None else int(y.max()) + 1
-    mass = np.bincount(y, weights=w, minlength=k)
-    return mass / mass.sum()
-
-
-def class_target_distribution(counts: Any, class_w: Any) -> np.ndarray:
-    """The class distribution a weighted draw reaches: p_c proportional to n_c * w_c (ClassBalancedStream's target)."""
-    c = _as_counts(counts, None)
-    cw = np.asarray(class_w, dtype=np.float64)
-    if cw.shape != c.shape:
-        raise ValueError(f"{c.size} class counts but {cw.size} class weights")
-    mass = c * cw
-    if not mass.sum() > 0:
-        raise ValueError("no class has both samples and a positive weight")
-    return mass / mass.sum()

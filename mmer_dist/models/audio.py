@@ -1,13 +1,13 @@
 """Audio encoders: mono waveform + sample mask -> frame tokens + frame mask.
 
-    from mmer_dist.models.encoders import build_encoder
+    from mmer_dist.models.registry import build_encoder
     enc = build_encoder("audio", EncoderConfig(kind="scratch", size="debug"), sample_rate=16000)
     tokens, mask = enc(batch)          # batch["audio"], batch["audio_mask"] -> [B, T, D], [B, T]
 
 kind=hf: wav2vec2 / HuBERT / WavLM through `transformers` (~20 ms frames; size=debug is a random-init
 tiny Wav2Vec2). kind=scratch: log-mel + 2 strided convs + transformer (40 ms tokens), trains on CPU.
-Importing this module registers ("audio", "hf") and ("audio", "scratch") in
-`mmer_dist.models.encoders.ENCODERS`; `build_encoder` imports it.
+`build_audio_hf` / `build_audio_scratch` are the ("audio", "hf" / "scratch") entries of
+mmer_dist.models.registry.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmer_dist.config import ConfigError, EncoderConfig
-from mmer_dist.models.encoders import (ENCODERS, SCRATCH_SIZES, Encoder, HFEncoder, TokenTransformer, hf_backbone,
+from mmer_dist.models.encoders import (SCRATCH_SIZES, Encoder, HFEncoder, TokenTransformer, hf_backbone,
                                        lengths_to_mask, sinusoidal_positions)
 
 
@@ -220,5 +220,3 @@ def build_audio_scratch(cfg: EncoderConfig, sample_rate: int) -> Encoder:
                           f"needs model.audio.kind=hf")
     return ScratchAudioEncoder(cfg, sample_rate)
 
-
-ENCODERS.update({("audio", "hf"): build_audio_hf, ("audio", "scratch"): build_audio_scratch})

@@ -26,15 +26,15 @@ model of cached encoders trains only fusion + head.
 from __future__ import annotations
 
 import json
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from mmer_dist.config import ConfigError, EncoderConfig, MODALITIES, replace
-from mmer_dist.models.encoders import (DEFAULT_PRETRAINED, ENCODERS, MINILM, SCRATCH_SIZES, Encoder,
+from mmer_dist.config import ConfigError, EncoderConfig, replace
+from mmer_dist.models import audio, text, video
+from mmer_dist.models.encoders import (DEFAULT_PRETRAINED, MINILM, SCRATCH_SIZES, Encoder,
                                        EncoderLoadError, load_pretrained, resolve_source)
 
 SCRATCH = "scratch"
@@ -164,8 +164,6 @@ def _hidden_size(modality: str, cfg: EncoderConfig) -> int:
         return SCRATCH_SIZES[src.size]["dim"]
     source = resolve_source(modality, src)
     if not source:   # the random-init debug encoders
-        from mmer_dist.models import audio, text, video
-
         make = {"text": text.debug_config, "audio": audio.debug_config, "video": video.debug_config}[modality]
         return int(make().hidden_size)
     conf = Path(source).expanduser() / "config.json"
@@ -216,8 +214,6 @@ class CachedEncoder(Encoder):
 
 
 def build_cached(modality: str, cfg: EncoderConfig, sample_rate: int = 16000) -> Encoder:
-    """The cached encoder of `modality` (registered in encoders.ENCODERS as (modality, "cached"))."""
+    """The cached encoder of `modality` (the (modality, "cached") entries of mmer_dist.models.registry)."""
     return CachedEncoder(modality, cfg)
 
-
-ENCODERS.update({(m, "cached"): partial(build_cached, m) for m in MODALITIES})

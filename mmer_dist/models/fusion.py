@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from mmer_dist.config import FusionConfig, MODALITIES, ModelConfig
-from mmer_dist.models.encoders import Encoder, TokenTransformer, build_encoder
+from mmer_dist.models.encoders import Encoder, TokenTransformer
+from mmer_dist.models.registry import build_encoder
 from mmer_dist.models.heads import ClassificationHead
 
 

@@ -1,12 +1,11 @@
 """Text encoders: token ids -> hidden states of a `transformers` model (kind=hf).
 
-    from mmer_dist.models.encoders import build_encoder
+    from mmer_dist.models.registry import build_encoder
     enc = build_encoder("text", EncoderConfig(kind="hf", pretrained="minilm"))
     tokens, mask = enc(batch)          # batch["text_ids"], batch["text_mask"] -> [B, Lt, D], [B, Lt]
 
 size=debug is a random-init 2-layer BERT (MiniLM vocabulary, so the packaged tokenizer fits), small
-the packaged all-MiniLM-L6-v2, base roberta-base. Importing this module registers ("text", "hf")
-in `mmer_dist.models.encoders.ENCODERS`; `build_encoder` imports it.
+the packaged all-MiniLM-L6-v2, base roberta-base. `build_text_hf` is the ("text", "hf") entry of mmer_dist.models.registry.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import torch
 from torch import Tensor
 
 from mmer_dist.config import EncoderConfig
-from mmer_dist.models.encoders import ENCODERS, Encoder, HFEncoder, hf_backbone, minilm_path, stub_rows
+from mmer_dist.models.encoders import Encoder, HFEncoder, hf_backbone, minilm_path, stub_rows
 
 
 class HFTextEncoder(HFEncoder):
@@ -57,5 +56,3 @@ def build_text_hf(cfg: EncoderConfig, sample_rate: int) -> Encoder:
     backbone, source = hf_backbone("text", cfg, debug_config)
     return HFTextEncoder("text", cfg, backbone, source)
 
-
-ENCODERS[("text", "hf")] = build_text_hf

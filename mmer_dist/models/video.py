@@ -1,14 +1,14 @@
 """Video encoders: normalised frames + frame mask -> tokens + token mask.
 
-    from mmer_dist.models.encoders import build_encoder
+    from mmer_dist.models.registry import build_encoder
     enc = build_encoder("video", EncoderConfig(kind="scratch", size="debug"))
     tokens, mask = enc(batch)          # batch["video"] [B, F, 3, H, W], batch["video_mask"] [B, F]
 
 kind=hf: VideoMAE over a clip resampled from the real frames (space-time patch tokens), or any image
 model (ViT, DINOv2, ...) per frame (one CLS token per frame); size=debug is a random-init tiny
 VideoMAE. kind=scratch: per-frame CNN + temporal transformer, one token per frame, trains on CPU.
-Importing this module registers ("video", "hf") and ("video", "scratch") in
-`mmer_dist.models.encoders.ENCODERS`; `build_encoder` imports it.
+`build_video_hf` / `build_video_scratch` are the ("video", "hf" / "scratch") entries of
+mmer_dist.models.registry.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmer_dist.config import ConfigError, EncoderConfig
-from mmer_dist.models.encoders import (ENCODERS, SCRATCH_SIZES, Encoder, HFEncoder, TokenTransformer, hf_backbone,
+from mmer_dist.models.encoders import (SCRATCH_SIZES, Encoder, HFEncoder, TokenTransformer, hf_backbone,
                                        sinusoidal_positions, stub_rows)
 
 
@@ -139,5 +139,3 @@ def build_video_scratch(cfg: EncoderConfig, sample_rate: int) -> Encoder:
                           f"needs model.video.kind=hf")
     return ScratchVideoEncoder(cfg)
 
-
-ENCODERS.update({("video", "hf"): build_video_hf, ("video", "scratch"): build_video_scratch})

@@ -191,8 +191,19 @@ def plot_classes(s: dict[str, Any], out_dir: str | Path) -> list[Path]:
     return paths
 
 
-def inspect_main(args: argparse.Namespace) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmer-dist inspect",
+                                description="Summarise a shards folder from its index files only (never opens a tar): "
+                                   "samples, classes and imbalance per split, modalities, skipped inputs by reason.")
+    p.add_argument("shards", help="shards folder written by `mmer-dist pack` or `mmer-dist embed`")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the human summary")
+    p.add_argument("--plots", default="", help="folder for per-split class-distribution PNGs (default: none)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
     """`mmer-dist inspect`: print the summary (or JSON); optional plots."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         s = summarize(args.shards)
     except (FileNotFoundError, ValueError, KeyError) as e:

@@ -356,14 +356,6 @@ def verify_tracks(path: str | Path, kinds: tuple[str, ...] = ("audio", "video"))
     return result
 
 
-def verify_media(path: str | Path, kind: str) -> float:
-    """Duration of the first `kind` ("audio"|"video") track after `verify_tracks`, or `MediaError`."""
-    got = verify_tracks(path, (kind,))[kind]
-    if isinstance(got, MediaError):
-        raise got
-    return got
-
-
 def read_bytes(path: str | Path) -> bytes:
     """The whole file, with `MediaError` instead of OSError."""
     check_file(path)

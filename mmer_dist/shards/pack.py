@@ -61,10 +61,9 @@ from mmer_dist.corpora import read_corpus
 from mmer_dist.corpora.labels import labels_for
 from mmer_dist.corpora.record import ReadReport
 from mmer_dist.shards import media
+from mmer_dist.shards.merge import merge_stats, record_diff, split_lines
 from mmer_dist.shards.plan import PackConfig, PackError, ShardJob, parse_bytes, plan_shards, reader_options_for
-from mmer_dist.shards.schema import (
-    INDEX_FILE, PACK_FILE, SKIPPED_FILE, ShardIndex, SplitIndex, read_stats, write_json_atomic,
-)
+from mmer_dist.shards.schema import INDEX_FILE, PACK_FILE, SKIPPED_FILE, ShardIndex, write_json_atomic
 from mmer_dist.shards.writer import ShardOutcome, WriteSpec, is_complete, write_shard
 
 
@@ -139,20 +138,9 @@ def merge(out: str | Path, jobs: list[ShardJob], cfg: PackConfig, report: ReadRe
             f"(first: {', '.join(missing[:5])}); run the pack again with the same arguments (or let the "
             f"remaining array tasks finish) before --merge-only")
     labels = list(labels_for(cfg.corpus))
-    splits: dict[str, SplitIndex] = {}
-    media_skipped: Counter = Counter()
-    media_degraded: Counter = Counter()
-    files: dict[str, list[str]] = {}
-    for job in jobs:
-        stats = read_stats(out, job.name)
-        for s in stats.skipped:
-            (media_skipped if s["dropped"] else media_degraded)[s["reason"]] += 1
-            files.setdefault(s["reason"], []).append(f"{s['path']} ({s['key']}: {'/'.join(s['modalities'])})")
-        si = splits.setdefault(job.split, SplitIndex(class_counts={k: 0 for k in labels}))
-        if not stats.samples:
-            continue
-        si.add_shard(job.name, stats)
-    index = ShardIndex(corpus=cfg.corpus, profile=cfg.profile, labels=labels, splits=splits,
+    merged = merge_stats(out, [(j.split, j.name) for j in jobs], labels)
+    media_skipped, media_degraded = merged.dropped, merged.degraded
+    index = ShardIndex(corpus=cfg.corpus, profile=cfg.profile, labels=labels, splits=merged.splits,
                        extra={"pack_hash": cfg.digest(), "sample_rate": cfg.sample_rate,
                               "video_size": cfg.video_size, "video_fps": cfg.video_fps})
     write_json_atomic(out / INDEX_FILE, index.to_json())
@@ -164,7 +152,7 @@ def merge(out: str | Path, jobs: list[ShardJob], cfg: PackConfig, report: ReadRe
         "total_dropped": sum(dropped.values()), "total_degraded": sum(degraded.values()),
         "reader": rd,
         "media": {"dropped": dict(sorted(media_skipped.items())), "degraded": dict(sorted(media_degraded.items())),
-                  "files": files},
+                  "files": merged.files},
     })
     return index
 
@@ -204,9 +192,9 @@ def _check_out(out: Path, cfg: PackConfig, overwrite: bool, num_tasks: int) -> N
         if pack_file.exists():
             old = json.loads(pack_file.read_text(encoding="utf-8")).get("config", {})
             new = cfg.to_json()
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            diff = record_diff(old, new)
             if diff and not overwrite:
-                lines = "\n".join(f"  {k}: existing {old.get(k)!r}, now {new.get(k)!r}" for k in diff)
+                lines = "\n".join(diff)
                 raise PackError(f"{out} holds shards packed with other arguments:\n{lines}\n"
                                 f"Use another --out, the same arguments (to resume), or --overwrite to delete them.")
         elif any(ours(p) for p in existing) and not overwrite:
@@ -367,9 +355,44 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def pack_main(args: argparse.Namespace) -> int:
-    """`mmer-dist pack`: run `pack` from parsed flags, print a summary; exit 1 on failed shards
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmer-dist pack",
+                                description="Read a raw corpus and write {corpus}-{split}-{000000}.tar shards, "
+                                   "index.json, per-shard stats and skipped.json. Resumable: run the same "
+                                   "command again after an interruption.")
+    p.add_argument("corpus", choices=["meld", "ravdess"])
+    p.add_argument("--root", required=True,
+                   help="MELD: folder with the CSVs and, optionally, the clip folders (without clips: "
+                        "text-only shards); RAVDESS: folder with Actor_XX folders")
+    p.add_argument("--out", required=True, help="output shards folder")
+    p.add_argument("--profile", choices=["train", "raw"], default="train",
+                   help="train: mono 16 kHz FLAC + downscaled mp4 (default); raw: original bytes")
+    p.add_argument("--workers", type=int, default=1, help="parallel packing processes (output is identical for any N)")
+    p.add_argument("--shard-samples", type=int, default=1000, help="max samples per shard")
+    p.add_argument("--shard-bytes", type=str, default="1GB", help="max bytes per shard (e.g. 500MB)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the deterministic shuffle across shards")
+    p.add_argument("--splits", default="", help="comma list of splits to pack (default: all found)")
+    p.add_argument("--test-actors", default="", help="RAVDESS: comma list of test actors (default: last 4 present)")
+    p.add_argument("--dev-actors", default="", help="RAVDESS: comma list of dev actors (default: the 2 before)")
+    p.add_argument("--fold", default="", help="RAVDESS: a named actor fold instead of explicit lists")
+    p.add_argument("--video-size", type=int, default=224, help="train profile: short side of the video, pixels")
+    p.add_argument("--video-fps", type=float, default=8.0, help="train profile: video frame rate")
+    p.add_argument("--missing-media", choices=["keep", "skip"], default="keep",
+                   help="an utterance whose clip is missing/unreadable: keep it without that modality, or skip it")
+    p.add_argument("--task-id", type=int, default=None,
+                   help="job-array task id (default: $SLURM_ARRAY_TASK_ID): write only this task's shards")
+    p.add_argument("--num-tasks", type=int, default=None,
+                   help="job-array size (default: $SLURM_ARRAY_TASK_COUNT)")
+    p.add_argument("--merge-only", action="store_true", help="only merge the per-shard stats into index.json")
+    p.add_argument("--strict", action="store_true", help="exit non-zero when any input was skipped")
+    p.add_argument("--overwrite", action="store_true", help="delete existing output made with other arguments")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`mmer-dist pack`: run `pack` from the command line, print a summary; exit 1 on failed shards
     (or on skipped inputs with --strict)."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     reader_options: dict[str, Any] = {}
     if args.corpus == "ravdess":
         reader_options = {"test_actors": _csv(args.test_actors) or None,
@@ -402,9 +425,7 @@ def summary(res: PackResult) -> str:
              f"({res.samples_written} samples), {len(res.resumed)} already complete, "
              f"{res.seconds:.1f} s, peak worker RSS {res.peak_rss_mb:.0f} MB"]
     if res.index is not None:
-        for split, si in res.index.splits.items():
-            lines.append(f"  {split}: {si.num_samples} samples in {len(si.shards)} shards, "
-                         f"{si.bytes / 1e6:.1f} MB, {si.duration / 3600:.2f} h, modalities {si.modalities}")
+        lines += split_lines(res.index)
     else:
         lines.append("  not merged yet: other tasks' shards are missing; run `mmer-dist pack ... --merge-only` "
                      "after they finish")

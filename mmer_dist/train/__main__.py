@@ -4,21 +4,16 @@
     accelerate launch --config_file launch/cpu_2proc.yaml -m mmer_dist.train --config debug ...
     torchrun --nproc_per_node 8 -m mmer_dist.train --config meld_base --out runs/meld resume=latest
 
-Everything that can be checked is checked here, before any process group starts.
+Everything that can be checked is checked (mmer_dist.train.preflight) before any process group starts.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
 import sys
 from pathlib import Path
 
 from mmer_dist.config import CONFIG_DIR, Config, ConfigError, dump_config, load_config
-from mmer_dist.dist import world_info
-from mmer_dist.train.checkpoint import complete_checkpoints
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,69 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve(args: argparse.Namespace) -> tuple[Config, Path]:
+    """The config (defaults <- preset <- --shards <- overrides; `resume=` means `train.resume=`) and run folder."""
     overrides = ["train.resume=" + o.split("=", 1)[1] if o.startswith("resume=") else o for o in args.overrides]
     if args.shards:
         overrides.append(f"data.shards={args.shards}")
     cfg = load_config(args.config, overrides)
-    run_dir = Path(args.out or f"runs/{cfg.name}")
-    return cfg, run_dir
-
-
-def preflight(cfg: Config, run_dir: Path) -> None:
-    """Fail before any process group starts, with a message that names the fix."""
-    from mmer_dist.shards.schema import load_index, split_index
-
-    index = load_index(cfg.data.shards)
-    train = split_index(index, cfg.data.train_split, cfg.data.shards)
-    split_index(index, cfg.data.eval_split, cfg.data.shards)         # a missing eval split fails before any process starts
-    from mmer_dist.models.cached import check_embeddings
-
-    # model.<m>.kind=cached needs embeddings of the encoder it names; hf/scratch encoders need media
-    check_embeddings(index.extra, cfg.model, cfg.data.modalities, cfg.data.shards)
-    present = train.modalities
-    if not any(present.get(m, 0) for m in cfg.data.modalities):
-        raise ConfigError(f"data.modalities={list(cfg.data.modalities)} but the shards in {cfg.data.shards} hold "
-                          f"{ {k: v for k, v in present.items() if v} }; choose modalities the shards have")
-    world = world_info().world_size
-    if cfg.data.loader == "stream":
-        from mmer_dist.data.stream import StreamPlan
-
-        try:
-            StreamPlan(train.sizes, cfg.data.batch_size, world, cfg.data.num_workers, cfg.data.stream_resample,
-                       cfg.data.steps_per_epoch, where=f"{cfg.data.shards} split {cfg.data.train_split}")
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    else:
-        batches = (cfg.data.steps_per_epoch or math.ceil(train.num_samples / world) // cfg.data.batch_size)
-        if batches < cfg.train.grad_accum:
-            raise ConfigError(
-                f"split {cfg.data.train_split!r} has {train.num_samples} samples: with {world} process(es) x "
-                f"data.batch_size={cfg.data.batch_size} that is {batches} batch(es) per rank per epoch, fewer than "
-                f"train.grad_accum={cfg.train.grad_accum}; lower data.batch_size or train.grad_accum")
-        total = cfg.train.max_steps or cfg.train.epochs * (batches // cfg.train.grad_accum)
-        if cfg.optim.warmup_steps >= total:
-            raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} >= the run's {total} optimizer steps; "
-                              f"lower optim.warmup_steps (or train longer)")
-    uses_ds = bool(cfg.train.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-    unfreezing = [m for m in cfg.data.modalities if getattr(cfg.model, m).unfreeze_after_steps > 0]
-    if uses_ds and unfreezing:
-        raise ConfigError(f"model.{unfreezing[0]}.unfreeze_after_steps needs new parameters in the optimizer mid-run, "
-                          f"which DeepSpeed cannot do; with DeepSpeed keep encoders frozen (unfreeze_after_steps=0) "
-                          f"or trainable from the start (freeze=false)")
-    if cfg.train.deepspeed and not Path(cfg.train.deepspeed).is_file():
-        raise ConfigError(f"train.deepspeed={cfg.train.deepspeed}: no such file (see launch/ds_zero2.json)")
-    if cfg.train.deepspeed:
-        from mmer_dist.train.ema import check_zero_stage
-
-        try:
-            ds = json.loads(Path(cfg.train.deepspeed).read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise ConfigError(f"train.deepspeed={cfg.train.deepspeed} is not valid JSON ({e}); start from "
-                              f"launch/ds_zero2.json") from None
-        check_zero_stage(cfg.train.ema_decay, ds.get("zero_optimization", {}).get("stage"))
-    if not cfg.train.resume and complete_checkpoints(run_dir):
-        raise ConfigError(f"{run_dir} already holds checkpoints of a run; pass resume=latest to continue it, "
-                          f"or choose a new --out")
+    return cfg, Path(args.out or f"runs/{cfg.name}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,13 +55,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.dump_config:
             print(dump_config(cfg), end="")
             return 0
-        preflight(cfg, run_dir)
+        from mmer_dist.shards.schema import load_index
+        from mmer_dist.train.preflight import preflight, resolve_for_shards
+
+        index = load_index(cfg.data.shards)
+        cfg = resolve_for_shards(cfg, index)
+        preflight(cfg, run_dir, index)
     except (ConfigError, FileNotFoundError, KeyError) as e:
         print(f"mmer-dist train: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     from mmer_dist.train.loop import train
 
-    result = train(cfg, run_dir)
+    result = train(cfg, run_dir, index)
     return 0 if result else 1
 
 

@@ -190,6 +190,7 @@ class EvalAccumulator:
     probs: list[list[float]] = field(default_factory=list)
     padding: list[bool] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    loss_weights: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.labels = list(self.labels)
@@ -200,10 +201,11 @@ class EvalAccumulator:
         return len(self.keys)
 
     def add(self, keys: Sequence[str], labels: Any, probs: Any, *, preds: Any = None,
-            is_padding: Any = None, losses: Any = None) -> None:
+            is_padding: Any = None, losses: Any = None, loss_weights: Any = None) -> None:
         """Record one batch. `probs` [B, K] (softmax of the logits); `preds` default to its argmax;
         `is_padding` [B] marks duplicates added only to even out the ranks' steps (default: none);
-        `losses` [B] optional per-sample loss (its mean over real samples becomes metrics["loss"])."""
+        `losses` [B] optional per-sample loss terms, `loss_weights` [B] their weights (default 1):
+        sum(terms) / sum(weights) over the real samples becomes metrics["loss"]."""
         b = len(keys)
         p = _to_numpy(probs).astype(np.float64)
         k = len(self.labels)
@@ -221,6 +223,10 @@ class EvalAccumulator:
             if len(self.losses) != len(self.keys):
                 raise ValueError("per-sample losses must be given for every batch or for none")
             self.losses.extend(lo.tolist())
+            lw = np.ones(b) if loss_weights is None else _to_numpy(loss_weights).astype(np.float64).reshape(-1)
+            if lw.size != b:
+                raise ValueError(f"loss_weights has {lw.size} entries for {b} keys")
+            self.loss_weights.extend(lw.tolist())
         elif self.losses:
             raise ValueError("per-sample losses must be given for every batch or for none")
         self.keys.extend(str(x) for x in keys)
@@ -233,7 +239,8 @@ class EvalAccumulator:
         """This rank's rows as plain Python objects (what travels through all_gather_object)."""
         return {"labels": list(self.labels), "keys": list(self.keys), "targets": list(self.targets),
                 "preds": list(self.preds), "probs": [list(r) for r in self.probs],
-                "padding": list(self.padding), "losses": list(self.losses)}
+                "padding": list(self.padding), "losses": list(self.losses),
+                "loss_weights": list(self.loss_weights)}
 
     def gather(self, gathered: Sequence[Mapping[str, Any]] | None = None,
                expected_keys: Iterable[str] | None = None) -> EvalResult:
@@ -255,7 +262,7 @@ def merge_payloads(gathered: Sequence[Mapping[str, Any]], labels: Sequence[str],
                    expected_keys: Iterable[str] | None = None) -> EvalResult:
     """Drop padding rows, check every key occurs exactly once, sort by key, compute metrics."""
     labels = list(labels)
-    rows: list[tuple[str, int, int, list[float], float | None]] = []
+    rows: list[tuple[str, int, int, list[float], float | None, float]] = []
     dropped = 0
     with_loss = 0
     for rank, pl in enumerate(gathered):
@@ -263,6 +270,7 @@ def merge_payloads(gathered: Sequence[Mapping[str, Any]], labels: Sequence[str],
             raise EvalGatherError(f"rank {rank} evaluated with labels {list(pl['labels'])}, rank 0 with {labels}")
         n = len(pl["keys"])
         losses = pl.get("losses") or []
+        weights = pl.get("loss_weights") or [1.0] * len(losses)
         if losses:
             with_loss += 1
         for i in range(n):
@@ -270,7 +278,7 @@ def merge_payloads(gathered: Sequence[Mapping[str, Any]], labels: Sequence[str],
                 dropped += 1
                 continue
             rows.append((pl["keys"][i], int(pl["targets"][i]), int(pl["preds"][i]), pl["probs"][i],
-                         float(losses[i]) if losses else None))
+                         float(losses[i]) if losses else None, float(weights[i]) if losses else 1.0))
     if 0 < with_loss < sum(1 for pl in gathered if pl["keys"]):
         raise EvalGatherError("some ranks recorded per-sample losses and others did not")
 
@@ -297,10 +305,10 @@ def merge_payloads(gathered: Sequence[Mapping[str, Any]], labels: Sequence[str],
     rows.sort(key=lambda r: r[0])
     metrics = compute_metrics([r[1] for r in rows], [r[2] for r in rows], labels)
     if rows[0][4] is not None:
-        metrics["loss"] = float(math.fsum(r[4] for r in rows) / len(rows))  # type: ignore[misc]
+        metrics["loss"] = float(math.fsum(r[4] for r in rows) / math.fsum(r[5] for r in rows))  # type: ignore[misc]
     out_rows = [{"key": key, "label": labels[t], "prediction": labels[p],
                  "probabilities": {name: float(pr[j]) for j, name in enumerate(labels)}}
-                for key, t, p, pr, _ in rows]
+                for key, t, p, pr, _, _ in rows]
     return EvalResult(metrics=metrics, rows=out_rows, padding_dropped=dropped, ranks=len(gathered))
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import av
 import pytest
 
-from mmer_dist.cli import build_parser
+from mmer_dist.cli import main as cli_main
 from mmer_dist.shards.pack import pack
 from mmer_dist.shards.schema import load_index
 
@@ -40,12 +40,10 @@ def _csv_rows(path: Path) -> int:
                     reason=f"real MELD CSVs not found in {MELD}")
 def test_real_meld_csvs_pack_text_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "meld"
-    args = build_parser().parse_args(["pack", "meld", "--root", str(MELD), "--out", str(out), "--workers", "2",
-                                      "--shard-samples", "3000"])
-    assert args.func(args) == 0
+    assert cli_main(["pack", "meld", "--root", str(MELD), "--out", str(out), "--workers", "2",
+                     "--shard-samples", "3000"]) == 0
     capsys.readouterr()
-    args = build_parser().parse_args(["inspect", str(out), "--json"])
-    assert args.func(args) == 0
+    assert cli_main(["inspect", str(out), "--json"]) == 0
     s = json.loads(capsys.readouterr().out)
     assert s["skipped"]["total_dropped"] == 0 and s["skipped"]["total_degraded"] == 0
     for split, counts in MELD_COUNTS.items():

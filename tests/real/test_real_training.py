@@ -12,8 +12,6 @@ a reason when ../shared/data is absent (the data is never part of the project).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest

@@ -116,8 +116,8 @@ def test_training_on_embeddings_matches_training_frozen_encoders_on_media(synth_
     enc = {m: str(p) for m, p in saved_encoders.items()}
     common = ["data.modalities=[text,video]", "model.fusion.dropout=0.0", "train.epochs=4", "optim.warmup_steps=2",
               "optim.lr=3e-3", "train.log_every=1", "model.text.pooling=mean"]
-    cached = [f"model.text.kind=cached", f"model.text.pretrained={enc['text']}",
-              f"model.video.kind=cached", f"model.video.pretrained={enc['video']}"]
+    cached = ["model.text.kind=cached", f"model.text.pretrained={enc['text']}",
+              "model.video.kind=cached", f"model.video.pretrained={enc['video']}"]
     media = [f"model.text.pretrained={enc['text']}", "model.text.freeze=true",
              "model.video.kind=hf", f"model.video.pretrained={enc['video']}", "model.video.freeze=true"]
     emb = tmp_path / "emb"

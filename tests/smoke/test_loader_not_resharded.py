@@ -39,7 +39,7 @@ def worker(shards: str, out: str) -> None:
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    from mmer_dist.data.pipeline import build_train_loader
+    from mmer_dist.data.build import build_train_loader
 
     acc = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
     rank, world = acc.process_index, acc.num_processes
@@ -75,7 +75,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_ranks_see_their_own_batches_not_resharded(tmp_path):
     from mmer_dist.corpora.synthetic import write_meld
-    from mmer_dist.data.pipeline import build_train_loader
+    from mmer_dist.data.build import build_train_loader
     from mmer_dist.shards.pack import pack
 
     write_meld(tmp_path / "raw", n=80, seed=0, clips=False)

@@ -30,7 +30,7 @@ MIX = [0.47, 0.17, 0.12, 0.11, 0.07, 0.03, 0.03]
 
 
 def _dataset() -> tuple[np.ndarray, np.ndarray]:
-    from mmer_dist.data.sampler import class_counts, class_weights, sample_weights
+    from mmer_dist.weighting import class_counts, class_weights, sample_weights
 
     y = np.random.default_rng(0).choice(len(MIX), size=N, p=MIX)
     return y, sample_weights(y, class_weights(class_counts(y, len(MIX)), "inverse"))
@@ -106,7 +106,8 @@ def _launch(world: int, out: Path) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_sampler_across_processes(world, tmp_path):
-    from mmer_dist.data.sampler import DistributedWeightedSampler, expected_class_distribution
+    from helpers import expected_class_distribution
+    from mmer_dist.data.sampler import DistributedWeightedSampler
 
     ranks = _launch(world, tmp_path / "gathered.json")
     assert [r["rank"] for r in ranks] == list(range(world)) and all(r["world"] == world for r in ranks)

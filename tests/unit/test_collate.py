@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mmer_dist.config import DataConfig
-from mmer_dist.data.collate import Collator, bucket_batches, padding_fraction
+from helpers import padding_fraction
+from mmer_dist.data.collate import Collator, bucket_batches
 from mmer_dist.data.decode import Skipped
 
 CFG = DataConfig(video_frames=3, video_size=8)

@@ -189,7 +189,7 @@ def test_embed_of_a_modality_the_shards_lack_is_refused(tmp_path: Path, synth_me
 
 def test_cached_features_and_logits_equal_the_frozen_model_on_media(emb_shards: Path, synth_meld_shards: Path):
     """Same seed, same encoders: the fusion sees the media model's features up to fp16 rounding."""
-    from mmer_dist.data.pipeline import build_eval_loader
+    from mmer_dist.data.build import build_eval_loader
     from mmer_dist.models import build_model, build_tokenizer
 
     media_cfg = load_config("debug", [*ALL, "model.text.pooling=mean", "model.fusion.dropout=0.0"])

@@ -15,6 +15,7 @@ import av
 import numpy as np
 import pytest
 
+from helpers import verify_media
 from mmer_dist.shards import media
 from mmer_dist.shards.media import MediaError
 
@@ -110,10 +111,10 @@ def test_probe_and_verify(files: dict[str, Path]) -> None:
     info = media.probe(files["av"])
     assert info.has_audio and info.has_video and info.width == 96 and info.fps == 25
     assert info.duration == pytest.approx(1.0, abs=0.1)
-    assert media.verify_media(files["av"], "video") == pytest.approx(1.0, abs=0.05)
-    assert media.verify_media(files["wav"], "audio") == pytest.approx(1.0, abs=0.01)
+    assert verify_media(files["av"], "video") == pytest.approx(1.0, abs=0.05)
+    assert verify_media(files["wav"], "audio") == pytest.approx(1.0, abs=0.01)
     with pytest.raises(MediaError) as e:
-        media.verify_media(files["video_only"], "audio")
+        verify_media(files["video_only"], "audio")
     assert e.value.reason == "no_audio_stream"
 
 
@@ -130,10 +131,10 @@ def test_bad_inputs_have_reasons(tmp_path: Path, files: dict[str, Path]) -> None
     assert _reason(media.encode_audio, tmp_path / "dir.wav") == "unreadable_file"
     (tmp_path / "zero.wav").write_bytes(b"")
     assert _reason(media.encode_audio, tmp_path / "zero.wav") == "empty_file"
-    assert _reason(media.verify_media, tmp_path / "zero.wav", "audio") == "empty_file"
+    assert _reason(verify_media, tmp_path / "zero.wav", "audio") == "empty_file"
     (tmp_path / "junk.mp4").write_bytes(os.urandom(5000))
     assert _reason(media.encode_video, tmp_path / "junk.mp4") == "corrupt_media"
-    assert _reason(media.verify_media, tmp_path / "junk.mp4", "video") == "corrupt_media"
+    assert _reason(verify_media, tmp_path / "junk.mp4", "video") == "corrupt_media"
     data = files["av"].read_bytes()
     (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])
     assert _reason(media.encode_video, tmp_path / "cut.mp4") == "truncated_media"
@@ -141,7 +142,7 @@ def test_bad_inputs_have_reasons(tmp_path: Path, files: dict[str, Path]) -> None
     wav = files["wav"].read_bytes()
     (tmp_path / "cut.wav").write_bytes(wav[: len(wav) // 2])
     assert _reason(media.encode_audio, tmp_path / "cut.wav") == "truncated_media"
-    assert _reason(media.verify_media, tmp_path / "cut.wav", "audio") == "truncated_media"
+    assert _reason(verify_media, tmp_path / "cut.wav", "audio") == "truncated_media"
     make_wav(tmp_path / "silent0.wav", seconds=0.0)          # a valid header, zero samples
     assert _reason(media.encode_audio, tmp_path / "silent0.wav") == "empty_audio"
     assert _reason(media.encode_audio, files["video_only"]) == "no_audio_stream"

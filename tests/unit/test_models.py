@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from mmer_dist.config import ConfigError, EncoderConfig, FusionConfig, ModelConfig, OptimConfig, replace
 from mmer_dist.models import build_model, build_tokenizer
 from mmer_dist.models.audio import spec_augment
-from mmer_dist.models.encoders import EncoderLoadError, build_encoder, example_batch
+from helpers import example_batch
+from mmer_dist.models.encoders import EncoderLoadError
+from mmer_dist.models.registry import build_encoder
 from mmer_dist.models.fusion import pool_tokens
 from mmer_dist.train.optim import build_optimizer
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from mmer_dist.config import ConfigError, EncoderConfig, FusionConfig, ModelConfig, OptimConfig, replace
 from mmer_dist.models import build_model
-from mmer_dist.models.encoders import example_batch
+from helpers import example_batch
 from mmer_dist.train.optim import (add_unfrozen_params, apply_freeze_schedule, build_optimizer, build_scheduler,
                                    param_groups)
 

@@ -8,7 +8,6 @@ refusing another config in the same folder and --overwrite.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -23,7 +22,8 @@ from pathlib import Path
 import av
 import pytest
 
-from mmer_dist.cli import build_parser
+from mmer_dist.cli import main as cli_main
+from mmer_dist.shards.pack import build_parser as pack_parser
 from mmer_dist.corpora import read_corpus
 from mmer_dist.corpora.record import Utterance
 from mmer_dist.corpora.synthetic import write_corpus
@@ -50,8 +50,7 @@ def _files(d: Path) -> dict[str, bytes]:
 
 
 def _cli(*argv: str) -> int:
-    args = build_parser().parse_args(list(argv))
-    return int(args.func(args) or 0)
+    return cli_main(list(argv))
 
 
 def test_round_trip(meld_root: Path, tmp_path: Path) -> None:
@@ -299,7 +298,7 @@ def test_bad_inputs_counted_and_reported(tmp_path: Path, missing_media: str, cap
     assert str(kinds["corrupt"]) in sk["media"]["files"]["corrupt_media"][0]
     assert "audio/video" in sk["media"]["files"]["truncated_media"][0]
     assert sk[where] == {"corrupt_media": 1, "truncated_media": 1, "missing_clip": 2, "empty_clip": 1}
-    assert f"corrupt_media 1" in printed and "truncated_media 1" in printed
+    assert "corrupt_media 1" in printed and "truncated_media 1" in printed
     index = load_index(out)
     train = index.splits["train"]
     if missing_media == "keep":
@@ -385,10 +384,10 @@ def test_packing_specs_parse_as_pack_flags(spec: str) -> None:
     import yaml
 
     data = yaml.safe_load((REPO / "shards" / spec).read_text())
-    argv = ["pack", data.pop("corpus")]
+    argv = [data.pop("corpus")]
     for k, v in data.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
-    args = build_parser().parse_args(argv)                  # an unknown key fails here
+    args = pack_parser().parse_args(argv)                   # an unknown key fails here
     assert args.corpus == spec.split(".")[0] and args.out.startswith("shards/out/")
 
 

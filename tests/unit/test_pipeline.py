@@ -19,8 +19,9 @@ import soundfile as sf
 import torch
 
 from mmer_dist.config import DataConfig, SamplerConfig, replace
-from mmer_dist.data.pipeline import ShardDataset, build_decoder, build_eval_loader, build_train_loader
-from mmer_dist.data.stream import StreamPlan
+from mmer_dist.data.build import build_decoder, build_eval_loader, build_train_loader
+from mmer_dist.data.map_loader import ShardDataset
+from mmer_dist.data.stream_loader import StreamPlan
 from mmer_dist.shards.writer import TarSampleWriter, member_offsets
 from mmer_dist.shards.schema import (INDEX_FILE, SampleEntry, ShardIndex, ShardStats, SplitIndex, shard_name,
                                      stats_name, write_json_atomic)
@@ -210,7 +211,7 @@ def test_mid_epoch_resume_equals_uninterrupted(shards):
 
 
 def test_bucketing_reduces_padding_same_samples(shards):
-    from mmer_dist.data.collate import padding_fraction
+    from helpers import padding_fraction
 
     plain = build_train_loader(shards, replace(CFG, max_audio_seconds=5.0), SamplerConfig(), TOK)
     bucketed = build_train_loader(shards, replace(CFG, max_audio_seconds=5.0, bucket_by_length=True), SamplerConfig(), TOK)

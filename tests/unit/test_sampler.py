@@ -1,4 +1,4 @@
-"""Unit and property tests of mmer_dist.data.sampler and of mmer_dist.data.stream's ClassBalancedStream
+"""Unit and property tests of mmer_dist.data.sampler, mmer_dist.weighting and mmer_dist.data.balance's ClassBalancedStream
 (single process; the multi-process run is tests/smoke/test_sampler_dist.py).
     .venv/bin/pytest tests/unit/test_sampler.py -q
 """
@@ -15,17 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, Dataset
 
-from mmer_dist.data.sampler import (
-    DistributedEvalSampler,
-    DistributedWeightedSampler,
-    class_counts,
-    class_target_distribution,
-    class_weights,
-    eval_indices,
-    expected_class_distribution,
-    sample_weights,
-)
-from mmer_dist.data.stream import ClassBalancedStream
+from helpers import DistributedEvalSampler, expected_class_distribution
+from mmer_dist.data.balance import ClassBalancedStream
+from mmer_dist.data.sampler import DistributedWeightedSampler, eval_indices
+from mmer_dist.weighting import class_counts, class_target_distribution, class_weights, sample_weights
 
 MELD_MIX = [0.47, 0.17, 0.12, 0.11, 0.07, 0.03, 0.03]     # MELD-like imbalance, 7 classes
 NAMES = ("neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear")
@@ -344,7 +337,7 @@ def test_load_state_refuses_a_different_draw():
         s.load_state_dict({"epoch": 0, "position": 3})
 
 
-# ---------------------------------------------------------------- streaming balance (mmer_dist.data.stream)
+# ---------------------------------------------------------------- streaming balance (mmer_dist.data.balance)
 
 def _endless(mix: list[float], seed: int):
     rng = np.random.default_rng(seed)

@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 
-from mmer_dist.train.loop import StopRequest
+from mmer_dist.train.stop import StopRequest
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])

@@ -1,23 +1,8 @@
-"""Per-rank data loaders over the shards: map-style (random access via byte offsets); the stream dispatch.
+"""The map-style rank loader (`data.loader=map`, the default): random access into the tars by byte offset.
 
-    train = build_train_loader(cfg.data.shards, cfg.data, cfg.sampler, tokenizer, rank=r, world_size=R)
-    dev = build_eval_loader(cfg.data.shards, cfg.data, tokenizer, split="dev", rank=r, world_size=R)
-    for epoch in range(E):
-        train.set_epoch(epoch)
-        for batch in train.iter_from(batches_done_in_this_epoch):     # 0 unless resuming
-            ...
-            state = train.state_dict()                               # after the step: resumable
-    print(train.counts())          # {"skipped": {"audio_corrupt": 2}, "degraded": {"audio_empty": 1}}
-
-NEVER pass these loaders (or their DataLoader) through `accelerator.prepare`. They are already
-split by rank: the sampler gives rank r its strided share of the global draw (map), or rank r
-reads its own shards / its own resampled shard stream (stream, mmer_dist.data.stream). `prepare` would wrap the loader
-in a second, rank-sharding sampler (`BatchSamplerShard` / `IterableDatasetShard`), so each rank
-would silently see only 1/world of its own share (and, for an iterable, different batch counts
-per rank). Prepare only the model, the optimizer and the scheduler; move batches to the device
-yourself. tests/smoke/test_loader_not_resharded.py shows both behaviours with 2 processes.
-
-Map-style (`data.loader=map`, the default):
+    dataset = ShardDataset(root, "train", cfg.data, decoder, index=index)    # index.json read by the caller
+    loader = build_map_train_loader(dataset, cfg.data, cfg.sampler, rank=r, world_size=R, seed=s)
+    dev = build_map_eval_loader(ShardDataset(root, "dev", cfg.data, eval_decoder, index=index), cfg.data, r, R)
 
 * `ShardDataset` reads a sample's members straight from its tar with `os.pread` at the byte
   offsets the packer recorded in `{shard}.stats.json` (no tar scan); file handles are opened
@@ -28,48 +13,37 @@ Map-style (`data.loader=map`, the default):
   draws with the configured replacement. `len(sampler)` is the same on every rank by
   construction, the loader has `num_samples // batch_size` batches (drop_last: a partial last
   batch would be of unequal size across ranks and is dropped everywhere).
-* A sample that fails to decode becomes a `Skipped` marker: the collate drops it and counts it
-  by reason, the batch is smaller, the number of batches per rank never changes.
 * Mid-epoch resume goes through the sampler's state: the loader advances the sampler by one
   batch_size of indices per batch handed to the loop (never by what workers prefetched), so
   `state_dict()` taken after a step names exactly the consumed batches; `iter_from(n)` seeks the
   sampler to n x batch_size. Both give the rest of the epoch, identical to an uninterrupted run.
   With length bucketing the epoch's batches are a deterministic function of the sampler's plan,
   so resuming at batch n is exact there too.
+* Evaluation: each rank gets an equal-length strided share of the split (`eval_indices`), padded
+  by repeats flagged in `batch["pad"]`; drop the flagged rows before any reduction.
 
-Streaming (`data.loader=stream`): `build_train_loader` returns a `StreamLoader` from
-mmer_dist.data.stream (an explicit WebDataset pipeline, for corpora too large to index per
-sample); it shares this module's `LoaderBase` (counters, checkpoint header) and DataLoader settings.
-
-Evaluation: `build_eval_loader` gives each rank an equal-length strided share of the split,
-padded by repeats flagged in `batch["pad"]`; drop the flagged rows before any reduction.
+Not for `accelerator.prepare` (see mmer_dist.data.loader).
 """
 
 from __future__ import annotations
 
 import os
-import zlib
-from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mmer_dist.config import DataConfig, SamplerConfig
 from mmer_dist.data.collate import Collator, bucket_batches
 from mmer_dist.data.decode import Decoder, DecodeError, Skipped
-from mmer_dist.data.sampler import DistributedWeightedSampler, class_weights, eval_indices, sample_weights
-from mmer_dist.shards.schema import SampleEntry, load_index, read_stats, split_index, stats_name
-
-if TYPE_CHECKING:       # stream.py builds on this module; build_train_loader imports it when asked for it
-    from mmer_dist.data.stream import StreamLoader
+from mmer_dist.data.loader import SampleCounts, dataloader_settings
+from mmer_dist.data.sampler import DistributedWeightedSampler, eval_indices
+from mmer_dist.data.seeds import mix
+from mmer_dist.shards.schema import SampleEntry, ShardIndex, load_index, read_stats, split_index, stats_name
+from mmer_dist.weighting import draw_weights
 
 BUCKET_WINDOW_BATCHES = 32     # length bucketing sorts windows of this many batches of consecutive draws
-LOADER_STATE_FORMAT = "mmer_dist.pipeline.TrainLoader/1"     # both train loaders' state_dict (kind: map | stream)
-
-# --------------------------------------------------------------------------- map-style dataset
 
 
 class ShardDataset(Dataset):
@@ -79,12 +53,14 @@ class ShardDataset(Dataset):
     the crop is seeded by (decoder seed, epoch, position) and `sample["pad"] = is_padding`.
     """
 
-    def __init__(self, shards_dir: str | Path, split: str, cfg_data: DataConfig, decoder: Decoder) -> None:
+    def __init__(self, shards_dir: str | Path, split: str, cfg_data: DataConfig, decoder: Decoder,
+                 index: ShardIndex | None = None) -> None:
         self.root = Path(shards_dir)
-        index = load_index(self.root)
+        index = load_index(self.root) if index is None else index
         self.split = split
         sidx = split_index(index, split, self.root)
         self.label_names = list(index.labels)
+        self.keys = sidx.keys
         self.shards = [self.root / s for s in sidx.shards]
         self.entries: list[list[SampleEntry]] = []
         for name, size in zip(sidx.shards, sidx.sizes):
@@ -177,8 +153,6 @@ class ShardDataset(Dataset):
         return sample, raw
 
 
-# --------------------------------------------------------------------------- map-style train loader
-
 
 class RankBatchSampler:
     """Batches of this rank's share of the epoch's draw, starting at the sampler's position.
@@ -205,7 +179,7 @@ class RankBatchSampler:
         if self.window_batches and self.lengths is not None:
             plan = self.sampler.local_indices()
             batches = bucket_batches(plan.tolist(), self.lengths, b, self.window_batches,
-                                     seed=zlib.crc32(f"{self.seed}:{epoch}".encode()))
+                                     seed=mix(self.seed, epoch))
             for k in range(first, len(batches)):
                 yield [(i, False, epoch, k * b + j) for j, i in enumerate(batches[k])]
             return
@@ -214,55 +188,12 @@ class RankBatchSampler:
             yield [(next(it), False, epoch, k * b + j) for j in range(b)]
 
 
-def _worker_init(_: int) -> None:
-    # one intra-op thread per worker: the workers are the parallelism (torch already does this,
-    # the codecs are set to one thread in decode.py)
-    torch.set_num_threads(1)
-
-
-def loader_settings(num_workers: int) -> dict[str, Any]:
-    """DataLoader keywords every loader here and in stream.py uses (pinning, worker init, generator)."""
-    # A private generator: creating an iterator must not draw from the global torch RNG, or a resumed
-    # run (whose iterator starts mid-epoch) would see different dropout masks than an uninterrupted one.
-    return {"pin_memory": torch.cuda.is_available(), "worker_init_fn": _worker_init if num_workers > 0 else None,
-            "generator": torch.Generator().manual_seed(0)}
-
-
-def _dataloader(dataset: Dataset, batch_sampler: Any, collate: Collator, num_workers: int, persistent: bool) -> DataLoader:
+def _dataloader(dataset: Dataset, batch_sampler: Any, collate: Collator, num_workers: int) -> DataLoader:
     return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=num_workers,
-                      persistent_workers=persistent and num_workers > 0, **loader_settings(num_workers))
+                      persistent_workers=num_workers > 0, **dataloader_settings(num_workers))
 
 
-class LoaderBase:
-    """What the per-rank loaders share: skip/degrade counters (`counts()` is what the loop logs) and,
-    for the train loaders, the checkpoint header (`LOADER_STATE_FORMAT` + `kind`)."""
-
-    kind = ""
-
-    def __init__(self) -> None:
-        self.skipped: Counter = Counter()
-        self.degraded: Counter = Counter()
-
-    def _count(self, batch: dict[str, Any]) -> dict[str, Any]:
-        self.skipped.update(batch.get("skipped", {}))
-        self.degraded.update(batch.get("degraded", {}))
-        return batch
-
-    def counts(self) -> dict[str, dict[str, int]]:
-        """Samples skipped (decode failures, by reason) and degraded (a modality absent) so far on this rank."""
-        return {"skipped": dict(self.skipped), "degraded": dict(self.degraded)}
-
-    def _load_counts(self, state: dict[str, Any]) -> None:
-        self.skipped, self.degraded = Counter(state.get("skipped", {})), Counter(state.get("degraded", {}))
-
-    def _check_kind(self, state: dict[str, Any]) -> None:
-        """Refuse a state saved by another kind of loader (or not a loader state at all)."""
-        if state.get("format") != LOADER_STATE_FORMAT or state.get("kind") != self.kind:
-            raise ValueError(f"not a {self.kind} train-loader state (format {state.get('format')!r}, "
-                             f"kind {state.get('kind')!r}); the run was made with another data.loader")
-
-
-class TrainLoader(LoaderBase):
+class MapTrainLoader(SampleCounts):
     """The map-style per-rank train loader: fixed batches per epoch, resumable mid-epoch.
 
     Do not pass it (or `.loader`) to `accelerator.prepare`: it is already split by rank.
@@ -274,8 +205,9 @@ class TrainLoader(LoaderBase):
                  collate: Collator, num_workers: int) -> None:
         super().__init__()
         self.dataset, self.sampler, self.batch_sampler = dataset, sampler, batch_sampler
+        self.label_names, self.class_counts = dataset.label_names, dataset.class_counts
         self.batch_size = batch_sampler.batch_size
-        self.loader = _dataloader(dataset, batch_sampler, collate, num_workers, persistent=True)
+        self.loader = _dataloader(dataset, batch_sampler, collate, num_workers)
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
@@ -313,81 +245,21 @@ class TrainLoader(LoaderBase):
         return self.iter_from(None)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"format": LOADER_STATE_FORMAT, "kind": self.kind, "batch_size": self.batch_size,
-                "num_batches": len(self), "bucketing": bool(self.batch_sampler.window_batches), "epoch": self.epoch,
-                "batches_done": self.batches_done, "sampler": self.sampler.state_dict(), **self.counts()}
+        return {**self._state_header(), "batch_size": self.batch_size, "num_batches": len(self),
+                "bucketing": bool(self.batch_sampler.window_batches), "epoch": self.epoch,
+                "batches_done": self.batches_done, "sampler": self.sampler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the saved epoch after its consumed batches; refuses a state of another configuration."""
-        self._check_kind(state)
+        self._load_header(state)
         for key, mine in (("batch_size", self.batch_size), ("bucketing", bool(self.batch_sampler.window_batches))):
             if state[key] != mine:
                 raise ValueError(f"cannot resume mid-epoch: saved {key}={state[key]} but this run has {mine}; "
                                  f"resume with the original data.batch_size / data.bucket_by_length")
         self.sampler.load_state_dict(state["sampler"])     # checks world size, seed, weights
-        self._load_counts(state)
 
 
-def build_decoder(cfg_data: DataConfig, tokenizer: Any, train: bool, seed: int = 0) -> Decoder:
-    return Decoder(cfg_data, tokenizer if "text" in cfg_data.modalities else None, train=train, seed=seed)
-
-
-def train_class_weights(class_counts: list[int], label_names: list[str], cfg_sampler: SamplerConfig) -> np.ndarray:
-    """Per-class weights of the configured weighting (the map sampler's and the stream balancer's)."""
-    return class_weights(class_counts, cfg_sampler.weighting, beta=cfg_sampler.beta,
-                         manual=cfg_sampler.class_weights or None, label_names=label_names)
-
-
-def train_sample_weights(labels: np.ndarray, class_counts: list[int], label_names: list[str],
-                         cfg_sampler: SamplerConfig) -> tuple[np.ndarray, bool]:
-    """Per-sample weights and replacement for the configured weighting (none: uniform, no replacement)."""
-    if cfg_sampler.weighting == "none":
-        return np.ones(labels.size, dtype=np.float64), False
-    cw = train_class_weights(class_counts, label_names, cfg_sampler)
-    return sample_weights(labels, cw), cfg_sampler.replacement
-
-
-def build_train_loader(shards_dir: str | Path, cfg_data: DataConfig, cfg_sampler: SamplerConfig, tokenizer: Any,
-                       rank: int = 0, world_size: int = 1, epoch: int = 0, seed: int | None = None,
-                       split: str | None = None) -> "TrainLoader | StreamLoader":
-    """The per-rank train loader (`cfg_data.loader`: map or stream), positioned at `epoch`.
-
-    Every rank gets the same `len(loader)` batches per epoch, by construction. `seed` (default
-    `cfg_sampler.seed`) seeds the draw and the crops. NEVER pass the result through
-    `accelerator.prepare`: it is already split by rank and Accelerate would shard it again
-    (each rank would train on 1/world of its share, silently).
-    """
-    split = split or cfg_data.train_split
-    seed = cfg_sampler.seed if seed is None else int(seed)
-    decoder = build_decoder(cfg_data, tokenizer, train=True, seed=seed)
-    collate = Collator.for_tokenizer(cfg_data, tokenizer)
-    if cfg_data.loader == "stream":
-        from mmer_dist.data.stream import StreamLoader      # stream.py imports this module: import on use
-
-        loader = StreamLoader(shards_dir, split, cfg_data, cfg_sampler, decoder, collate, rank, world_size, seed)
-        loader.set_epoch(epoch)
-        return loader
-    dataset = ShardDataset(shards_dir, split, cfg_data, decoder)
-    weights, replacement = train_sample_weights(dataset.labels, dataset.class_counts, dataset.label_names, cfg_sampler)
-    b = cfg_data.batch_size
-    num_samples = cfg_data.steps_per_epoch * b if cfg_data.steps_per_epoch else None
-    sampler = DistributedWeightedSampler(weights, num_replicas=world_size, rank=rank, num_samples=num_samples,
-                                         seed=seed, replacement=replacement)
-    if sampler.num_samples < b:
-        raise ValueError(f"split {split} of {shards_dir}: {len(dataset)} samples over {world_size} ranks give "
-                         f"{sampler.num_samples} per rank, fewer than data.batch_size={b}: no full batch. "
-                         f"Lower data.batch_size, use fewer processes, or set data.steps_per_epoch")
-    window = BUCKET_WINDOW_BATCHES if cfg_data.bucket_by_length else 0
-    batch_sampler = RankBatchSampler(sampler, b, dataset.durations, window, seed)
-    loader = TrainLoader(dataset, sampler, batch_sampler, collate, cfg_data.num_workers)
-    loader.set_epoch(epoch)
-    return loader
-
-
-# --------------------------------------------------------------------------- eval loader
-
-
-class EvalLoader(LoaderBase):
+class MapEvalLoader(SampleCounts):
     """Each sample of the split exactly once over all ranks, the same number of batches on every rank.
 
     `batch["pad"]` flags the repeats that even out the ranks; drop them before metrics.
@@ -398,8 +270,10 @@ class EvalLoader(LoaderBase):
                  num_workers: int) -> None:
         super().__init__()
         self.dataset, self.batches = dataset, batches
+        self.label_names, self.class_counts = dataset.label_names, dataset.class_counts
+        self.keys = dataset.keys
         self.num_padding = sum(1 for b in batches for it in b if it[1])
-        self.loader = _dataloader(dataset, batches, collate, num_workers, persistent=True)
+        self.loader = _dataloader(dataset, batches, collate, num_workers)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -416,14 +290,29 @@ def eval_batches(n: int, batch_size: int, rank: int, world_size: int) -> list[li
     return [items[k : k + batch_size] for k in range(0, len(items), batch_size)]
 
 
-def build_eval_loader(shards_dir: str | Path, cfg_data: DataConfig, tokenizer: Any, split: str | None = None,
-                      rank: int = 0, world_size: int = 1) -> EvalLoader:
-    """Per-rank eval loader (centre crops, no shuffle); never through `accelerator.prepare`."""
-    split = split or cfg_data.eval_split
-    decoder = build_decoder(cfg_data, tokenizer, train=False)
-    dataset = ShardDataset(shards_dir, split, cfg_data, decoder)
-    if len(dataset) == 0:
-        raise ValueError(f"split {split} of {shards_dir} has no samples to evaluate")
-    batches = eval_batches(len(dataset), cfg_data.eval_batch_size, rank, world_size)
-    return EvalLoader(dataset, batches, Collator.for_tokenizer(cfg_data, tokenizer), cfg_data.num_workers)
+def build_map_train_loader(dataset: ShardDataset, cfg_data: DataConfig, cfg_sampler: SamplerConfig, rank: int,
+                           world_size: int, seed: int, collate: Collator) -> MapTrainLoader:
+    """This rank's train loader over `dataset`: the configured weighted draw, `num_samples // batch_size` batches."""
+    weights, replacement = draw_weights(dataset.labels, dataset.class_counts, cfg_sampler.weighting,
+                                        beta=cfg_sampler.beta, manual=cfg_sampler.class_weights,
+                                        label_names=dataset.label_names, replacement=cfg_sampler.replacement)
+    b = cfg_data.batch_size
+    num_samples = cfg_data.steps_per_epoch * b if cfg_data.steps_per_epoch else None
+    sampler = DistributedWeightedSampler(weights, num_replicas=world_size, rank=rank, num_samples=num_samples,
+                                         seed=seed, replacement=replacement)
+    if sampler.num_samples < b:
+        raise ValueError(f"split {dataset.split} of {dataset.root}: {len(dataset)} samples over {world_size} ranks "
+                         f"give {sampler.num_samples} per rank, fewer than data.batch_size={b}: no full batch. "
+                         f"Lower data.batch_size, use fewer processes, or set data.steps_per_epoch")
+    window = BUCKET_WINDOW_BATCHES if cfg_data.bucket_by_length else 0
+    batch_sampler = RankBatchSampler(sampler, b, dataset.durations, window, seed)
+    return MapTrainLoader(dataset, sampler, batch_sampler, collate, cfg_data.num_workers)
 
+
+def build_map_eval_loader(dataset: ShardDataset, cfg_data: DataConfig, rank: int, world_size: int,
+                          collate: Collator) -> MapEvalLoader:
+    """This rank's eval loader over `dataset` (centre crops, no shuffle, padding flagged)."""
+    if len(dataset) == 0:
+        raise ValueError(f"split {dataset.split} of {dataset.root} has no samples to evaluate")
+    batches = eval_batches(len(dataset), cfg_data.eval_batch_size, rank, world_size)
+    return MapEvalLoader(dataset, batches, collate, cfg_data.num_workers)

@@ -1,0 +1,97 @@
+"""The rank-loader protocol: what every per-rank loader offers the training loop and the evaluator.
+
+A rank loader yields collated batches (mmer_dist.data.collate) of this rank's share of one split.
+Two implementations, neither importing the other, both built by mmer_dist.data.build:
+
+* map-style (`data.loader=map`, mmer_dist.data.map_loader): random access into the tars at the
+  byte offsets of the index, the exact distributed weighted sampler, mid-epoch resume by position;
+* streaming (`data.loader=stream`, mmer_dist.data.stream_loader): whole tars read front to back
+  through an explicit WebDataset pipeline, for corpora too large to index per sample.
+
+    train = build_train_loader(cfg.data, cfg.sampler, tokenizer, rank=r, world_size=R, seed=s)
+    train.label_names, train.class_counts          # from the index, read once: the loop never reads it
+    for epoch in range(E):
+        train.set_epoch(epoch)
+        for batch in train.iter_from(batches_done):    # 0 unless resuming mid-epoch
+            ...
+            state = train.state_dict()               # after the step: resumable exactly there
+    print(train.counts())          # {"skipped": {"audio_corrupt": 2}, "degraded": {"audio_empty": 1}}
+
+NEVER pass a rank loader (or its DataLoader) through `accelerator.prepare`. It is already split by
+rank: `prepare` would wrap it in a second, rank-sharding sampler (`BatchSamplerShard` /
+`IterableDatasetShard`), so each rank would silently see only 1/world of its own share (and, for an
+iterable, different batch counts per rank). Prepare only the model, the optimizer and the scheduler;
+move batches to the device yourself (tests/smoke/test_loader_not_resharded.py shows both behaviours).
+
+Every rank gets the same `len(loader)` batches per epoch, by construction. A sample that fails to
+decode becomes a `Skipped` marker that the collate drops and counts by reason (the batch gets
+smaller; the number of batches never changes); `counts()` is this rank's running total.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Iterator, Protocol
+
+import torch
+
+LOADER_STATE_FORMAT = "mmer_dist.pipeline.TrainLoader/1"
+"""Header of every train loader's `state_dict` (with `kind`: map | stream); the value is stored in
+checkpoints, so it keeps the name it was first saved under."""
+
+
+class RankLoader(Protocol):
+    """The contract of a per-rank loader (train or eval)."""
+
+    label_names: list[str]                 # the index's label set, in label-id order
+    class_counts: list[int]                # samples per class of this loader's split, label-id order
+
+    def __len__(self) -> int: ...          # batches per epoch, equal on every rank
+    def __iter__(self) -> Iterator[dict[str, Any]]: ...
+    def counts(self) -> dict[str, dict[str, int]]: ...
+
+
+class SampleCounts:
+    """Skip and degrade counters of one rank: what the collate reported, batch by batch.
+
+    The shared base of the loaders; `counts()` is what the loop logs and checkpoints.
+    """
+
+    kind = ""
+
+    def __init__(self) -> None:
+        self.skipped: Counter = Counter()
+        self.degraded: Counter = Counter()
+
+    def _count(self, batch: dict[str, Any]) -> dict[str, Any]:
+        self.skipped.update(batch.get("skipped", {}))
+        self.degraded.update(batch.get("degraded", {}))
+        return batch
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Samples skipped (decode failures, by reason) and degraded (a modality absent) so far on this rank."""
+        return {"skipped": dict(self.skipped), "degraded": dict(self.degraded)}
+
+    def _state_header(self) -> dict[str, Any]:
+        return {"format": LOADER_STATE_FORMAT, "kind": self.kind, **self.counts()}
+
+    def _load_header(self, state: dict[str, Any]) -> None:
+        """Refuse a state saved by another kind of loader (or not a loader state), then restore the counters."""
+        if state.get("format") != LOADER_STATE_FORMAT or state.get("kind") != self.kind:
+            raise ValueError(f"not a {self.kind} train-loader state (format {state.get('format')!r}, "
+                             f"kind {state.get('kind')!r}); the run was made with another data.loader")
+        self.skipped, self.degraded = Counter(state.get("skipped", {})), Counter(state.get("degraded", {}))
+
+
+def _worker_init(_: int) -> None:
+    # one intra-op thread per worker: the workers are the parallelism (the codecs are set to one
+    # thread in decode.py)
+    torch.set_num_threads(1)
+
+
+def dataloader_settings(num_workers: int) -> dict[str, Any]:
+    """DataLoader keywords every loader uses (pinning, worker init, generator)."""
+    # A private generator: creating an iterator must not draw from the global torch RNG, or a resumed
+    # run (whose iterator starts mid-epoch) would see different dropout masks than an uninterrupted one.
+    return {"pin_memory": torch.cuda.is_available(), "worker_init_fn": _worker_init if num_workers > 0 else None,
+            "generator": torch.Generator().manual_seed(0)}

@@ -1,0 +1,95 @@
+"""Checks of a training run that need no process group: they fail in seconds, with the fix named.
+
+    cfg = resolve_for_shards(cfg, index)          # the model sized to the shards' label set
+    preflight(cfg, run_dir, index)                # ConfigError / FileNotFoundError / KeyError otherwise
+
+Run by `python -m mmer_dist.train` on every rank before `train()` starts the process group, so a
+bad config never leaves N processes waiting on each other.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from mmer_dist.config import Config, ConfigError, replace
+from mmer_dist.shards.schema import ShardIndex, SplitIndex, split_index
+
+
+def resolve_for_shards(cfg: Config, index: ShardIndex) -> Config:
+    """The config a run trains with: the model predicts the shards' label set from the data's modalities
+    at the data's sample rate (what config.yaml and the exported model record)."""
+    model = replace(cfg.model, num_classes=len(index.labels), modalities=tuple(cfg.data.modalities),
+                    sample_rate=cfg.data.sample_rate)
+    return replace(cfg, model=model)
+
+
+def preflight(cfg: Config, run_dir: Path, index: ShardIndex) -> None:
+    """Fail before any process group starts, with a message that names the fix."""
+    from mmer_dist.models.cached import check_embeddings
+
+    train = split_index(index, cfg.data.train_split, cfg.data.shards)
+    split_index(index, cfg.data.eval_split, cfg.data.shards)   # a missing eval split fails before any process
+    # model.<m>.kind=cached needs embeddings of the encoder it names; hf/scratch encoders need media
+    check_embeddings(index.extra, cfg.model, cfg.data.modalities, cfg.data.shards)
+    present = train.modalities
+    if not any(present.get(m, 0) for m in cfg.data.modalities):
+        raise ConfigError(f"data.modalities={list(cfg.data.modalities)} but the shards in {cfg.data.shards} hold "
+                          f"{ {k: v for k, v in present.items() if v} }; choose modalities the shards have")
+    _check_epoch(cfg, train)
+    _check_deepspeed(cfg)
+    from mmer_dist.train.checkpoint import complete_checkpoints
+
+    if not cfg.train.resume and complete_checkpoints(run_dir):
+        raise ConfigError(f"{run_dir} already holds checkpoints of a run; pass resume=latest to continue it, "
+                          f"or choose a new --out")
+
+
+def _check_epoch(cfg: Config, train: SplitIndex) -> None:
+    """Enough batches per rank for the loader, the accumulation and the warmup."""
+    from mmer_dist.dist import world_info
+
+    world = world_info().world_size
+    if cfg.data.loader == "stream":
+        from mmer_dist.data.stream_loader import StreamPlan
+
+        try:
+            StreamPlan(train.sizes, cfg.data.batch_size, world, cfg.data.num_workers, cfg.data.stream_resample,
+                       cfg.data.steps_per_epoch, where=f"{cfg.data.shards} split {cfg.data.train_split}")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return
+    batches = (cfg.data.steps_per_epoch or math.ceil(train.num_samples / world) // cfg.data.batch_size)
+    if batches < cfg.train.grad_accum:
+        raise ConfigError(
+            f"split {cfg.data.train_split!r} has {train.num_samples} samples: with {world} process(es) x "
+            f"data.batch_size={cfg.data.batch_size} that is {batches} batch(es) per rank per epoch, fewer than "
+            f"train.grad_accum={cfg.train.grad_accum}; lower data.batch_size or train.grad_accum")
+    total = cfg.train.max_steps or cfg.train.epochs * (batches // cfg.train.grad_accum)
+    if cfg.optim.warmup_steps >= total:
+        raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} >= the run's {total} optimizer steps; "
+                          f"lower optim.warmup_steps (or train longer)")
+
+
+def _check_deepspeed(cfg: Config) -> None:
+    """The DeepSpeed JSON (train.deepspeed or $MMER_DEEPSPEED_CONFIG) exists, parses and fits the config."""
+    from mmer_dist.train.ema import check_zero_stage
+    from mmer_dist.train.engine import deepspeed_config_path, uses_deepspeed
+
+    unfreezing = [m for m in cfg.data.modalities if getattr(cfg.model, m).unfreeze_after_steps > 0]
+    if uses_deepspeed(cfg) and unfreezing:
+        raise ConfigError(f"model.{unfreezing[0]}.unfreeze_after_steps needs new parameters in the optimizer mid-run, "
+                          f"which DeepSpeed cannot do; with DeepSpeed keep encoders frozen (unfreeze_after_steps=0) "
+                          f"or trainable from the start (freeze=false)")
+    path = deepspeed_config_path(cfg)
+    if not path:
+        return
+    where = f"train.deepspeed={path}" if cfg.train.deepspeed else f"MMER_DEEPSPEED_CONFIG={path}"
+    if not Path(path).is_file():
+        raise ConfigError(f"{where}: no such file (see launch/ds_zero2.json)")
+    try:
+        ds = json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ConfigError(f"{where} is not valid JSON ({e}); start from launch/ds_zero2.json") from None
+    check_zero_stage(cfg.train.ema_decay, ds.get("zero_optimization", {}).get("stage"))
