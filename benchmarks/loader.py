@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmer_dist.config import DataConfig, SamplerConfig, replace
     from mmer_dist.corpora.synthetic import write_meld
     from mmer_dist.data.collate import Collator
-    from mmer_dist.data.decode import decode_files
+    from mmer_dist.predict import decode_files
     from mmer_dist.data.build import build_decoder, build_train_loader
     from mmer_dist.data.map_loader import ShardDataset
     from mmer_dist.models.encoders import build_tokenizer

@@ -168,7 +168,8 @@ def bare_worker(cache: Path, config: str, shards: str, steps: int, warmup: int, 
     import torch
     import torch.distributed as tdist
 
-    from mmer_dist.config import load_config, replace
+    from mmer_dist.config import replace
+    from mmer_dist.presets import load_config
     from mmer_dist.models import build_model
     from mmer_dist.models.heads import build_loss
 
@@ -243,7 +244,7 @@ def cache_batches(config: str, shards: Path, path: Path) -> dict[str, Any]:
     """Decode the train split once with the loader's Decoder/Collator; save the batches for the bare loop."""
     import torch
 
-    from mmer_dist.config import load_config
+    from mmer_dist.presets import load_config
     from mmer_dist.data.collate import Collator
     from mmer_dist.data.build import build_decoder
     from mmer_dist.data.map_loader import ShardDataset

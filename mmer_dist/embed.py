@@ -48,7 +48,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mmer_dist import dist
-from mmer_dist.config import Config, ConfigError, load_config, replace, to_dict
+from mmer_dist.config import Config, ConfigError, replace
+from mmer_dist.presets import load_config, to_dict
 from mmer_dist.shards.merge import merge_stats, record_diff, split_lines
 from mmer_dist.shards.schema import (INDEX_FILE, META_EXT, SKIPPED_FILE, SampleEntry, ShardIndex, ShardStats,
                                      load_index, write_json_atomic)

@@ -7,9 +7,8 @@ dropped before the reduction), so 1 and N processes write the identical metrics.
     torchrun --nproc_per_node 2 -m mmer_dist.evaluate --model runs/debug --shards ... --split test --out ...
 
 Writes OUT/metrics.json (macro_f1 headline, weighted_f1, accuracy, uar, per_class, confusion
-matrix, and the training criterion's loss when the export records it), OUT/predictions.jsonl,
-OUT/confusion.png, OUT/per_class_f1.png and, when the model comes from a run folder with logs,
-OUT/curves.png; prints a table.
+matrix), OUT/predictions.jsonl, OUT/confusion.png, OUT/per_class_f1.png and, when the model comes
+from a run folder with logs, OUT/curves.png; prints a table.
 """
 
 from __future__ import annotations
@@ -46,7 +45,7 @@ def evaluate_model(model_path: str | Path, shards: str | Path, split: str, out: 
     from mmer_dist.models.cached import check_embeddings
     from mmer_dist.report import print_table, write_eval_report
     from mmer_dist.shards.schema import load_index
-    from mmer_dist.train.checkpoint import find_export, load_criterion, load_exported
+    from mmer_dist.train.checkpoint import find_export, load_exported
     from mmer_dist.train.evaluation import evaluate
 
     info = dist.init_process_group()
@@ -61,7 +60,7 @@ def evaluate_model(model_path: str | Path, shards: str | Path, split: str, out: 
     tokenizer = build_tokenizer(model_cfg.text) if "text" in data_cfg.modalities else None
     loader = build_eval_loader(str(shards), data_cfg, tokenizer, split=split, rank=info.rank,
                                world_size=info.world_size, index=index)
-    result = evaluate(model, loader, torch.device("cpu"), load_criterion(export_dir))
+    result = evaluate(model, loader, torch.device("cpu"))
     out = Path(out)
     metrics = result.metrics
     metrics.update({"split": split, "shards": str(shards), "model": str(export_dir)})

@@ -12,7 +12,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from mmer_dist.config import DataConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,13 +34,55 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def decode_files(video: str | Path | None = None, audio: str | Path | None = None, text: str | None = None,
+                 cfg_data: DataConfig | None = None, tokenizer: Callable[..., Any] | None = None,
+                 context: list[str] | None = None) -> dict[str, Any]:
+    """Decode raw files for `mmer-dist predict`, through the same path as training (eval crop).
+
+    Any subset of video/audio/text; the result is a sample dict with label -1, ready for
+    `Collator(cfg.data)([sample])`. `context`: earlier dialogue turns, oldest first, as "Speaker: words"
+    (used when the model was trained with data.text_context > 0). Raises FileNotFoundError /
+    DecodeError naming the file.
+    """
+    from mmer_dist.data.decode import DecodeError, decode_sample
+    from mmer_dist.shards.schema import AUDIO_EXTS, META_EXT, TEXT_EXT, VIDEO_EXTS
+
+    if cfg_data is None:
+        raise ValueError("decode_files needs cfg_data (the run's cfg.data)")
+    if not video and not audio and not text:
+        raise ValueError("decode_files: give at least one of --video, --audio, --text")
+    members: dict[str, Any] = {}
+    names = []
+    for path, kinds in ((video, VIDEO_EXTS), (audio, AUDIO_EXTS)):
+        if path is None or str(path) == "":
+            continue
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no such file")
+        ext = p.suffix.lower().lstrip(".")
+        if ext not in kinds:
+            # unknown container: let PyAV sniff it, under the first name of the right kind
+            ext = "mp4" if kinds is VIDEO_EXTS else "mp3"
+        members[ext] = p.read_bytes()
+        names.append(p.stem)
+    if text:
+        members[TEXT_EXT] = text.encode("utf-8")
+    if context:
+        turns = [dict(zip(("speaker", "text"), t.split(": ", 1))) if ": " in t else {"text": t} for t in context]
+        members[META_EXT] = json.dumps({"label_id": -1, "meta": {"context": turns}}).encode("utf-8")
+    key = names[0] if names else "text"
+    try:
+        return decode_sample(members, cfg_data, tokenizer, train=False, rng=None, key=key, require_label=False)
+    except DecodeError as e:
+        raise DecodeError(e.reason, key, f"{', '.join(str(x) for x in (video, audio) if x)}: {e.detail}") from e
+
+
 def predict(model_path: str | Path, video: str | None = None, audio: str | None = None,
             text: str | None = None, context: list[str] | None = None) -> dict[str, Any]:
     """{"label": name, "probabilities": {name: p}, "modalities": [used]} for one utterance."""
     import torch
 
     from mmer_dist.data.collate import Collator
-    from mmer_dist.data.decode import decode_files
     from mmer_dist.models import build_tokenizer
     from mmer_dist.train.checkpoint import load_exported
 

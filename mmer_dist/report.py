@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from mmer_dist.plots import agg_figure, save_png
 from mmer_dist.train.metrics import HEADLINE
 
 if TYPE_CHECKING:
@@ -32,25 +33,6 @@ if TYPE_CHECKING:
 
 class MetricsNotFoundError(FileNotFoundError):
     """A run/eval folder without metrics.json (or a metrics.json path that does not exist)."""
-
-
-# --------------------------------------------------------------------------- plumbing
-def agg_figure(width: float, height: float) -> "Figure":
-    """A Figure bound to the Agg canvas: no pyplot, no global backend switch."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def save_png(fig: "Figure", path: str | Path) -> "Figure":
-    """Save `fig` as a PNG at `path` (parent folders created); returns the Figure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return fig
 
 
 def _check_metrics(metrics: Mapping[str, Any], need: Sequence[str], where: str) -> None:

@@ -1,13 +1,14 @@
 """Decode one sample's shard members (bytes) into model-ready tensors.
 
 Runs inside DataLoader workers, after the shuffle. One function does the work for training,
-evaluation and `mmer-dist predict`, so a raw file is decoded exactly like a packed one:
+evaluation and `mmer-dist predict` (mmer_dist.predict.decode_files), so a raw file is decoded exactly
+like a packed one:
 
     decoder = Decoder(cfg.data, tokenizer, train=True, seed=0)
     sample = decoder({"__key__": "k", "json": b"{...}", "txt": b"hi", "flac": b"...", "mp4": b"..."})
     # {"key": "k", "label": 3, "text_ids": LongTensor[Lt] | None, "audio": FloatTensor[S] | None,
     #  "video": FloatTensor[F, 3, H, W] | None, "degraded": [...]}
-    sample = decode_files(video="clip.mp4", audio=None, text="hello", cfg_data=cfg.data, tokenizer=tok)
+    # raw files (mmer-dist predict) go through the same decode_sample: mmer_dist.predict.decode_files
 
 Per modality (only those in `cfg.data.modalities`; a modality outside it is never decoded):
 
@@ -39,7 +40,6 @@ import io
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -408,9 +408,6 @@ class Decoder:
         self.seed = seed
         self.epoch = epoch
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def rng(self, index: int | None, epoch: int | None = None) -> np.random.Generator:
         salt = index if index is not None else np.random.SeedSequence().entropy % (2**31)
         epoch = self.epoch if epoch is None else epoch
@@ -418,46 +415,6 @@ class Decoder:
 
     def __call__(self, members: dict[str, Any], index: int | None = None, key: str | None = None,
                  epoch: int | None = None) -> dict[str, Any]:
-        """`index` (e.g. the position in the epoch's draw) and `epoch` (default: set_epoch's) seed the crop."""
+        """`index` (e.g. the position in the epoch's draw) and `epoch` (default: the constructor's) seed the crop."""
         rng = self.rng(index, epoch) if self.train else None
         return decode_sample(members, self.cfg, self.tokenizer, self.train, rng, key=key)
-
-
-def decode_files(video: str | Path | None = None, audio: str | Path | None = None, text: str | None = None,
-                 cfg_data: DataConfig | None = None, tokenizer: Callable[..., Any] | None = None,
-                 context: list[str] | None = None) -> dict[str, Any]:
-    """Decode raw files for `mmer-dist predict`, through the same path as training (eval crop).
-
-    Any subset of video/audio/text; the result is a sample dict with label -1, ready for
-    `Collator(cfg.data)([sample])`. `context`: earlier dialogue turns, oldest first, as "Speaker: words"
-    (used when the model was trained with data.text_context > 0). Raises FileNotFoundError /
-    DecodeError naming the file.
-    """
-    if cfg_data is None:
-        raise ValueError("decode_files needs cfg_data (the run's cfg.data)")
-    if not video and not audio and not text:
-        raise ValueError("decode_files: give at least one of --video, --audio, --text")
-    members: dict[str, Any] = {}
-    names = []
-    for path, kinds in ((video, VIDEO_EXTS), (audio, AUDIO_EXTS)):
-        if path is None or str(path) == "":
-            continue
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: no such file")
-        ext = p.suffix.lower().lstrip(".")
-        if ext not in kinds:
-            # unknown container: let PyAV sniff it, under the first name of the right kind
-            ext = "mp4" if kinds is VIDEO_EXTS else "mp3"
-        members[ext] = p.read_bytes()
-        names.append(p.stem)
-    if text:
-        members[TEXT_EXT] = text.encode("utf-8")
-    if context:
-        turns = [dict(zip(("speaker", "text"), t.split(": ", 1))) if ": " in t else {"text": t} for t in context]
-        members[META_EXT] = json.dumps({"label_id": -1, "meta": {"context": turns}}).encode("utf-8")
-    key = names[0] if names else "text"
-    try:
-        return decode_sample(members, cfg_data, tokenizer, train=False, rng=None, key=key, require_label=False)
-    except DecodeError as e:
-        raise DecodeError(e.reason, key, f"{', '.join(str(x) for x in (video, audio) if x)}: {e.detail}") from e

@@ -212,7 +212,7 @@ class Encoder(nn.Module):
     """Base class: subclasses implement `encode(batch) -> (tokens, mask)`; this adds pooling, freezing, stubs.
 
     Attributes: `modality`, `out_dim` (D of the tokens), `cfg` (its EncoderConfig).
-    Issue 9's cached-embedding encoder subclasses this too and reads its features from the batch.
+    The cached encoder (models/cached.py) subclasses this too and reads its features from the batch.
     """
 
     input_keys: tuple[str, str] = ("", "")

@@ -165,7 +165,7 @@ def format_summary(s: dict[str, Any]) -> str:
 
 def plot_classes(s: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """One bar chart per split (`{split}_classes.png`): counts, %, imbalance ratio in the title."""
-    from mmer_dist.report import agg_figure, save_png
+    from mmer_dist.plots import agg_figure, save_png
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from mmer_dist.config import CONFIG_DIR, Config, ConfigError, dump_config, load_config
+from mmer_dist.config import Config, ConfigError
+from mmer_dist.presets import CONFIG_DIR, dump_config, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:

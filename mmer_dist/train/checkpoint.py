@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from mmer_dist.config import DataConfig, LossConfig, ModelConfig, build, to_dict
+from mmer_dist.config import DataConfig, ModelConfig
+from mmer_dist.presets import build, to_dict
 from mmer_dist.shards.schema import write_json_atomic
 
 CHECKPOINT_DIR = "checkpoints"
@@ -110,10 +111,8 @@ def save_checkpoint(accelerator: Any, run_dir: Path, state: TrainerState, extra:
 
 
 def export_model(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig, data_cfg: DataConfig,
-                 labels: list[str], path: Path, info: dict[str, Any] | None = None,
-                 criterion: tuple[LossConfig, list[int]] | None = None) -> None:
-    """Write a self-describing model folder (main rank only): config + labels + weights, and the training
-    criterion (loss config and the training split's class counts) so an evaluation reports the same loss."""
+                 labels: list[str], path: Path, info: dict[str, Any] | None = None) -> None:
+    """Write a self-describing model folder (main rank only): config + labels + weights."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -122,10 +121,8 @@ def export_model(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig, da
     tmp.mkdir(parents=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     save_file(tensors, str(tmp / EXPORT_WEIGHTS))
-    meta = {"model": to_dict(model_cfg), "data": to_dict(data_cfg), "labels": list(labels), "info": info or {}}
-    if criterion is not None:
-        meta["loss"] = {**to_dict(criterion[0]), "class_counts": list(criterion[1])}
-    write_json_atomic(tmp / EXPORT_META, meta)
+    write_json_atomic(tmp / EXPORT_META, {"model": to_dict(model_cfg), "data": to_dict(data_cfg),
+                                          "labels": list(labels), "info": info or {}})
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
 
@@ -159,14 +156,3 @@ def load_exported(model_path: str | Path) -> tuple[torch.nn.Module, ModelConfig,
     model.eval()
     return model, model_cfg, data_cfg, list(meta["labels"])
 
-
-def load_criterion(model_path: str | Path) -> torch.nn.Module | None:
-    """The training loss recorded in an exported model (None for exports that predate the record)."""
-    from mmer_dist.models import build_loss
-
-    meta = json.loads((find_export(model_path) / EXPORT_META).read_text(encoding="utf-8"))
-    if "loss" not in meta:
-        return None
-    record = dict(meta["loss"])
-    counts = record.pop("class_counts")
-    return build_loss(build(LossConfig, record, "loss"), counts)

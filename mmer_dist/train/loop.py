@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from mmer_dist import dist
-from mmer_dist.config import Config, save_config
+from mmer_dist.config import Config
+from mmer_dist.presets import save_config
 from mmer_dist.shards.schema import ShardIndex, load_index, write_json_atomic
 from mmer_dist.train.checkpoint import (
     EXPORT_WEIGHTS, TrainerState, export_model, load_exported, read_checkpoint_extra, read_trainer_state,
@@ -95,7 +96,6 @@ class Run:
                                              rank=rank, world_size=self.world, index=index)
         self.labels = self.train_loader.label_names
         self.loss_fn = build_loss(cfg.loss, self.train_loader.class_counts).to(device)   # weights are buffers
-        self.criterion_record = (cfg.loss, self.train_loader.class_counts)                # for the exports
         self.batches_per_epoch = len(self.train_loader)
         self.steps_per_epoch = max(1, self.batches_per_epoch // cfg.train.grad_accum)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
@@ -254,7 +254,7 @@ class Run:
         """The current weights as an exported model folder (a collective: ZeRO-3 shards are gathered)."""
         sd = full_state_dict(self.accelerator, self.model)
         if self.main:
-            export_model(sd, self.cfg.model, self.cfg.data, self.labels, path, info, self.criterion_record)
+            export_model(sd, self.cfg.model, self.cfg.data, self.labels, path, info)
 
     def checkpoint(self) -> None:
         extra = {"loader": self.train_loader.state_dict(), "world_size": self.world}
@@ -290,7 +290,7 @@ class Run:
                 print(f"WARNING: model replicas differ across ranks after training: {checksums}", file=sys.stderr)
             export_model(load_file(str(best_dir / EXPORT_WEIGHTS)), cfg.model, cfg.data, self.labels,
                          self.run_dir / "export", {"step": state.best_step, "macro_f1": metrics["macro_f1"],
-                                                   "split": cfg.data.eval_split}, self.criterion_record)
+                                                   "split": cfg.data.eval_split})
             print(f"done: {cfg.data.eval_split} macro-F1 {metrics['macro_f1']:.4f} "
                   f"({cfg.train.select} step {state.best_step}); model exported to {self.run_dir / 'export'}; "
                   f"metrics in {self.run_dir / 'metrics.json'}", flush=True)

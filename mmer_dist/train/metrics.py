@@ -26,7 +26,7 @@ the metrics: the result is identical for 1 and N processes.
     acc = EvalAccumulator(labels)
     for batch in loader:
         logits = model(batch)
-        acc.add(batch["keys"], batch["labels"], logits.softmax(-1), is_padding=batch.get("is_padding"))
+        acc.add(batch["keys"], batch["labels"], logits.softmax(-1), is_padding=batch["pad"])
     result = acc.gather()                      # every rank calls it (collective)
     if dist.is_main():
         result.write(out_dir)                  # metrics.json + predictions.jsonl

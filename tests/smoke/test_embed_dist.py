@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmer_dist.config import load_config
+from mmer_dist.presets import load_config
 from mmer_dist.embed import embed
 from mmer_dist.train.__main__ import main as train_main
 

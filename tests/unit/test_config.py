@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from mmer_dist.config import (
-    Config, ConfigError, config_from_file, dump_config, load_config, save_config,
-)
+from mmer_dist.config import Config, ConfigError
+from mmer_dist.presets import config_from_file, dump_config, load_config, save_config
 
 
 def test_defaults_build_and_round_trip(tmp_path):

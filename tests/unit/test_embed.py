@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from mmer_dist.config import ConfigError, EncoderConfig, load_config, replace
+from mmer_dist.config import ConfigError, EncoderConfig, replace
+from mmer_dist.presets import load_config
 from mmer_dist.data.collate import Collator
 from mmer_dist.data.decode import DecodeError, decode_embedding, decode_sample, embedding_ext
 from mmer_dist.embed import EmbedError, embed
