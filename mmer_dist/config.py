@@ -104,6 +104,10 @@ class DataConfig:
     for context, the oldest context tokens cut first to fit max_text_tokens. 0 = the utterance alone."""
     bucket_by_length: bool = False
     """Group samples of similar audio length into a batch to limit padding."""
+    max_skip_fraction: float = 0.01
+    """Training fails (naming the last sample skipped, its shard and why) when more than this fraction of the
+    samples read failed to decode (summed over ranks and the run's processes). I/O errors on a shard the
+    index calls complete always fail the run at once."""
 
     def __post_init__(self) -> None:
         _check(len(self.modalities) > 0, "data.modalities is empty; use e.g. data.modalities=[text]")
@@ -119,6 +123,8 @@ class DataConfig:
         _check(self.video_frames >= 1 and self.video_size >= 8, "data.video_frames must be >= 1 and data.video_size >= 8")
         _check(self.max_text_tokens >= 4, "data.max_text_tokens must be >= 4")
         _check(self.text_context >= 0, "data.text_context must be >= 0 (0 = the utterance alone)")
+        _check(0.0 <= self.max_skip_fraction <= 1.0, f"data.max_skip_fraction={self.max_skip_fraction} must be in "
+                                                     f"[0, 1] (0 = no decode failure tolerated)")
 
 
 # --------------------------------------------------------------------------- model

@@ -50,9 +50,9 @@ import numpy as np
 from mmer_dist import dist
 from mmer_dist.config import Config, ConfigError, replace
 from mmer_dist.presets import load_config, to_dict
-from mmer_dist.shards.merge import merge_stats, record_diff, split_lines
-from mmer_dist.shards.schema import (INDEX_FILE, META_EXT, SKIPPED_FILE, SampleEntry, ShardIndex, ShardStats,
-                                     load_index, write_json_atomic)
+from mmer_dist.shards.merge import merge_stats, record_diff, split_lines, write_index
+from mmer_dist.shards.schema import (META_EXT, SKIPPED_FILE, SampleEntry, ShardIndex, ShardStats, load_index,
+                                     read_stats, write_json_atomic)
 
 if TYPE_CHECKING:
     import torch
@@ -153,7 +153,7 @@ class _Items:
 
         sample, raw = self.dataset.load(i)          # one read of the members: the decode's and KEY.json's
         meta = None if isinstance(sample, Skipped) or raw is None else raw.get(META_EXT)
-        return i, sample, meta, float(self.dataset.locate(i)[1].duration)
+        return i, sample, meta, float(self.dataset.durations[i])
 
 
 def _collate_items(items: list[tuple[int, Any, bytes | None, float]]) -> list[tuple[int, Any, bytes | None, float]]:
@@ -184,7 +184,8 @@ def _write_shard(out: Path, name: str, split: str, labels: list[str], rows: list
     mods = Counter(m for r in rows for m in modalities if embedding_ext(m) in r["members"])
     stats = ShardStats(
         shard=name, split=split,
-        samples=[SampleEntry(r["key"], r["label_id"], offsets[r["key"]], r["duration"]) for r in rows],
+        samples=[SampleEntry(r["key"], r["label_id"], offsets[r["key"]], r["duration"], r["speaker"], r["group"])
+                 for r in rows],
         bytes=size, class_counts={k: counts[k] for k in labels if counts[k]},
         modalities={m: mods[m] for m in modalities if mods[m]},
         duration=round(sum(r["duration"] for r in rows), 6), skipped=skipped)
@@ -214,7 +215,7 @@ def _embed_split(e: _Embedder, split: str, jobs: list[tuple[str, int]]) -> tuple
     from mmer_dist.data.build import build_decoder
     from mmer_dist.data.collate import Collator
     from mmer_dist.data.decode import Skipped, embedding_ext
-    from mmer_dist.data.map_loader import ShardDataset
+    from mmer_dist.data.shard_reader import ShardDataset
 
     model, cfg, shards_in, out, tokenizer, modalities, device, bar = (
         e.model, e.cfg, e.shards_in, e.out, e.tokenizer, e.modalities, e.device, e.bar)
@@ -225,14 +226,15 @@ def _embed_split(e: _Embedder, split: str, jobs: list[tuple[str, int]]) -> tuple
     collate = Collator.for_tokenizer(data_cfg, tokenizer)
     b = cfg.data.eval_batch_size
     batches, owner = [], []                         # batches never cross a shard: bytes independent of ranks
+    starts = np.concatenate([[0], np.cumsum(e.index_in.splits[split].sizes)]).astype(np.int64)
     for k, (name, pos) in enumerate(jobs):
-        start, end = int(dataset.starts[pos]), int(dataset.starts[pos + 1])
-        if dataset.shards[pos].name != name:
-            raise EmbedError(f"{shards_in}/index.json lists {dataset.shards[pos].name} at position {pos} of split "
+        start, end = int(starts[pos]), int(starts[pos + 1])
+        if dataset.shard_names[pos] != name:
+            raise EmbedError(f"{shards_in}/index.json lists {dataset.shard_names[pos]} at position {pos} of split "
                              f"{split}, expected {name}; the input changed during the run: start again")
-        # Batch samples of similar length (transcript bytes, then audio seconds, from the stats: no decoding)
-        # to cut padding (~3x faster on MELD text); a function of the shard alone, so still rank-independent.
-        entries = dataset.entries[pos]
+        # Batch samples of similar length (transcript bytes, then audio seconds, from the shard's stats: no
+        # decoding) to cut padding (~3x faster on MELD text); a function of the shard alone: rank-independent.
+        entries = read_stats(shards_in, name).samples
         order = sorted(range(start, end), key=lambda i: (entries[i - start].members.get("txt", [0, 0])[1],
                                                          entries[i - start].duration, i))
         for s in range(0, len(order), b):
@@ -251,8 +253,11 @@ def _embed_split(e: _Embedder, split: str, jobs: list[tuple[str, int]]) -> tuple
         k = owner[bi]
         good = [(i, s, meta, dur) for i, s, meta, dur in items if not isinstance(s, Skipped)]
         for i, s, _, _ in items:
+            if isinstance(s, Skipped) and s.fatal:
+                raise EmbedError(f"damaged input shard: {s.detail}; `mmer-dist verify {shards_in}` lists the damaged "
+                                 f"shards and the command that re-packs them")
             if isinstance(s, Skipped):
-                skipped.append({"key": s.key, "reason": s.reason, "path": str(dataset.shards[jobs[k][1]]),
+                skipped.append({"key": s.key, "reason": s.reason, "path": str(shards_in / jobs[k][0]),
                                 "modalities": list(modalities), "dropped": True, "detail": s.detail[:200]})
         if good:
             batch = collate([s for _, s, _, _ in good])
@@ -268,13 +273,15 @@ def _embed_split(e: _Embedder, split: str, jobs: list[tuple[str, int]]) -> tuple
                         members[embedding_ext(m)] = embed_member(real[0] if getattr(cfg.model, m).pooling != "tokens"
                                                                and real.shape[0] == 1 else real)
                 if not members:
-                    skipped.append({"key": s["key"], "reason": "no_modality", "path": str(dataset.shards[jobs[k][1]]),
+                    skipped.append({"key": s["key"], "reason": "no_modality", "path": str(shards_in / jobs[k][0]),
                                     "modalities": list(modalities), "dropped": True,
                                     "detail": f"none of {list(modalities)} present ({', '.join(s.get('degraded', [])) or 'absent'})"})
                     continue
                 members[META_EXT] = meta or b"{}"
+                speaker = int(dataset.samples["speaker"][i])
                 rows.append({"index": i, "key": s["key"], "label_id": int(s["label"]), "members": members,
-                             "duration": round(dur, 6)})
+                             "duration": round(dur, 6), "speaker": dataset.speakers[speaker] if speaker >= 0 else "",
+                             "group": int(dataset.samples["group"][i])})
         if bar is not None:
             bar.update(len(items))
         last_of_shard = bi + 1 == len(batches) or owner[bi + 1] != k
@@ -328,16 +335,16 @@ def _merge(out: Path, shards_in: Path, index_in: ShardIndex, plan: list[tuple[st
     dropped = merged.dropped
     from mmer_dist.models.cached import EMBEDDINGS_KEY
 
-    index = ShardIndex(corpus=index_in.corpus, profile=EMBED_PROFILE, labels=labels, splits=merged.splits,
-                       extra={EMBEDDINGS_KEY: records, "embed_hash": record_hash, "input": str(shards_in.resolve()),
-                              "input_profile": index_in.profile, "input_extra": index_in.extra})
-    write_json_atomic(out / INDEX_FILE, index.to_json())
+    index = merged.index(index_in.corpus, EMBED_PROFILE, index_in.group_unit,
+                         extra={EMBEDDINGS_KEY: records, "embed_hash": record_hash, "input": str(shards_in.resolve()),
+                                "input_profile": index_in.profile, "input_extra": index_in.extra})
     before = json.loads((shards_in / SKIPPED_FILE).read_text(encoding="utf-8")) if (shards_in / SKIPPED_FILE).exists() else {}
     total = Counter(before.get("dropped", {})) + dropped
     write_json_atomic(out / SKIPPED_FILE, {
         "dropped": dict(sorted(total.items())), "degraded": before.get("degraded", {}),
         "total_dropped": sum(total.values()), "total_degraded": before.get("total_degraded", 0),
         "embed": {"dropped": dict(sorted(dropped.items())), "files": merged.files}, "input": before})
+    write_index(out, index, merged.samples)        # index.json last: the folder is complete
     return index
 
 

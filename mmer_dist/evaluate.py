@@ -47,6 +47,7 @@ def evaluate_model(model_path: str | Path, shards: str | Path, split: str, out: 
     from mmer_dist.shards.schema import load_index
     from mmer_dist.train.checkpoint import find_export, load_exported
     from mmer_dist.train.evaluation import evaluate
+    from mmer_dist.train.metrics import write_metrics
 
     info = dist.init_process_group()
     export_dir = find_export(model_path)
@@ -60,13 +61,11 @@ def evaluate_model(model_path: str | Path, shards: str | Path, split: str, out: 
     tokenizer = build_tokenizer(model_cfg.text) if "text" in data_cfg.modalities else None
     loader = build_eval_loader(str(shards), data_cfg, tokenizer, split=split, rank=info.rank,
                                world_size=info.world_size, index=index)
-    result = evaluate(model, loader, torch.device("cpu"))
     out = Path(out)
-    metrics = result.metrics
+    metrics = evaluate(model, loader, torch.device("cpu"), predictions=out).metrics
     metrics.update({"split": split, "shards": str(shards), "model": str(export_dir)})
     if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        result.write(out)
+        write_metrics(metrics, out / "metrics.json")
         run_dir = export_dir.parent
         write_eval_report(metrics, out, run_dir if (run_dir / "log.jsonl").exists() else None)
         print(print_table(metrics))

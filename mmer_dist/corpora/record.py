@@ -28,6 +28,17 @@ class Utterance:
     video_path: Path | None = None
     meta: dict[str, Any] = field(default_factory=dict)   # corpus-specific fields (ids, times, ...)
 
+    @property
+    def group(self) -> int:
+        """The id of the corpus's independent unit this utterance belongs to (`GROUP_UNITS`): the MELD
+        dialogue, the RAVDESS actor; -1 where each utterance is its own unit."""
+        field_name = {"meld": "dialogue_id", "ravdess": "actor"}.get(self.corpus)
+        return int(self.meta[field_name]) if field_name and field_name in self.meta else -1
+
+
+GROUP_UNITS = {"meld": "dialogue", "ravdess": "speaker"}
+"""What `Utterance.group` is per corpus; statistics resample whole groups (other corpora: "utterance")."""
+
 
 @dataclass
 class ReadReport:

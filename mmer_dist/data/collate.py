@@ -17,7 +17,12 @@ or, from embedding shards (`mmer-dist embed`), per modality instead of its media
 plus bookkeeping the loop reads and the model ignores:
 
     "pad": BoolTensor[B]            True = an evaluation padding duplicate: drop it before metrics
+    "index": LongTensor[B]          each sample's position in its split (-1 when the loader cannot tell)
     "skipped": dict[str, int]       samples of this batch that failed to decode, by reason
+    "skipped_index": list[int]      their positions in the split (evaluation counts them as covered)
+    "last_skip": str                where the last of them was and why (for a max_skip_fraction error)
+    "fatal": list[str]              damaged data (a shard the index calls complete cannot be read): the
+                                    rank loader raises `DataError` with these messages
     "degraded": dict[str, int]      kept samples with a present-but-empty modality, by reason
 
 A sample lacking a modality gets zeros and an all-False mask row; when no sample of the batch
@@ -32,6 +37,7 @@ the epoch's sample set and its batch count stay exactly those of the unbucketed 
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from typing import Any, Sequence
@@ -88,13 +94,17 @@ class Collator:
 
     def __call__(self, items: Sequence[Any]) -> dict[str, Any]:
         samples = [s for s in items if isinstance(s, dict)]
-        skipped = Counter(s.reason for s in items if isinstance(s, Skipped) and not s.pad)
+        skips = [s for s in items if isinstance(s, Skipped) and not s.pad and not s.fatal]
         degraded = Counter(r for s in samples for r in s.get("degraded", ()))
         batch: dict[str, Any] = {
             "keys": [s["key"] for s in samples],
             "labels": torch.tensor([int(s["label"]) for s in samples], dtype=torch.long),
             "pad": torch.tensor([bool(s.get("pad", False)) for s in samples], dtype=torch.bool),
-            "skipped": dict(skipped),
+            "index": torch.tensor([int(s.get("index", -1)) for s in samples], dtype=torch.long),
+            "skipped": dict(Counter(s.reason for s in skips)),
+            "skipped_index": [s.index for s in skips],
+            "last_skip": f"{skips[-1].key}: {skips[-1].reason} ({skips[-1].detail})" if skips else "",
+            "fatal": [s.detail for s in items if isinstance(s, Skipped) and s.fatal],
             "degraded": dict(degraded),
         }
         # embedding shards: a modality whose samples carry `{m}_emb` gets features instead of media keys
@@ -122,8 +132,9 @@ class Collator:
 
 
 def bucket_batches(indices: Sequence[int], lengths: Sequence[float], batch_size: int,
-                   window_batches: int = 32, seed: int = 0) -> list[list[int]]:
-    """Cut `indices` (a rank's draw, in order) into floor(n / batch_size) batches of similar length.
+                   window_batches: int = 32, seed: int = 0, drop_last: bool = True) -> list[list[int]]:
+    """Cut `indices` (a rank's draw, in order) into floor(n / batch_size) batches of similar length
+    (ceil with drop_last=False: the last one may be partial).
 
     The tail that drop_last would drop is dropped first (same samples as without bucketing);
     every window of `window_batches` batches is sorted by `lengths[index]` and cut into batches;
@@ -132,7 +143,7 @@ def bucket_batches(indices: Sequence[int], lengths: Sequence[float], batch_size:
     """
     if batch_size < 1 or window_batches < 1:
         raise ValueError(f"bucket_batches: batch_size={batch_size} and window_batches={window_batches} must be >= 1")
-    n_batches = len(indices) // batch_size
+    n_batches = len(indices) // batch_size if drop_last else math.ceil(len(indices) / batch_size)
     kept = list(indices[: n_batches * batch_size])
     window = window_batches * batch_size
     batches: list[list[int]] = []

@@ -66,10 +66,12 @@ class Skipped:
     reason: str
     detail: str = ""
     pad: bool = False          # an eval padding duplicate: not counted (its original is)
+    fatal: bool = False        # not a bad input but damaged data the index calls complete: the run must stop
+    index: int = -1            # the sample's position in its split, when known
 
     @classmethod
-    def from_error(cls, e: "DecodeError", pad: bool = False) -> "Skipped":
-        return cls(e.key, e.reason, e.detail, pad)
+    def from_error(cls, e: "DecodeError", pad: bool = False, index: int = -1, where: str = "") -> "Skipped":
+        return cls(e.key, e.reason, f"{where}: {e.detail}" if where else e.detail, pad, index=index)
 
 
 class DecodeError(Exception):

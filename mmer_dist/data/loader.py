@@ -33,7 +33,10 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Iterator, Protocol
 
+import numpy as np
 import torch
+
+from mmer_dist.data.seeds import add_digests, multiset_digest
 
 LOADER_STATE_FORMAT = "mmer_dist.pipeline.TrainLoader/1"
 """Header of every train loader's `state_dict` (with `kind`: map | stream); the value is stored in
@@ -51,10 +54,17 @@ class RankLoader(Protocol):
     def counts(self) -> dict[str, dict[str, int]]: ...
 
 
-class SampleCounts:
-    """Skip and degrade counters of one rank: what the collate reported, batch by batch.
+class DataError(RuntimeError):
+    """Data a run cannot go on with (a damaged shard, too many undecodable samples): the message names the
+    shard and the fix. The commands print it without a traceback."""
 
-    The shared base of the loaders; `counts()` is what the loop logs and checkpoints.
+
+class SampleCounts:
+    """Skip and degrade counters of one rank since this process started: what the collate reported.
+
+    The shared base of the loaders. `counts()` is this rank's share; the loop sums it over ranks (and
+    over the run's earlier processes, from the checkpoint) for log.jsonl, TensorBoard, metrics.json.
+    A batch that carries damaged data (`batch["fatal"]`) raises `DataError` here, in the main process.
     """
 
     kind = ""
@@ -62,10 +72,27 @@ class SampleCounts:
     def __init__(self) -> None:
         self.skipped: Counter = Counter()
         self.degraded: Counter = Counter()
+        self.read = 0                 # samples drawn: delivered + skipped
+        self.last_skip = ""           # where the last skipped sample was and why
+        self._new_epoch()
+
+    def _new_epoch(self) -> None:
+        """Zero the current epoch's draw count and digest (mmer_dist.train.accounting logs them per epoch)."""
+        self.epoch_drawn, self.epoch_digest = 0, 0
 
     def _count(self, batch: dict[str, Any]) -> dict[str, Any]:
-        self.skipped.update(batch.get("skipped", {}))
+        if batch.get("fatal"):
+            raise DataError(f"damaged shard: {batch['fatal'][0]}. The index says this shard is complete, so it "
+                            f"changed after packing. `mmer-dist verify SHARDS_DIR` lists every damaged shard "
+                            f"and prints the command that re-packs them.")
+        skipped = batch.get("skipped", {})
+        self.skipped.update(skipped)
         self.degraded.update(batch.get("degraded", {}))
+        self.read += len(batch["labels"]) + sum(skipped.values())
+        self.last_skip = batch.get("last_skip") or self.last_skip
+        drawn = [*(i for i in batch["index"].tolist() if i >= 0), *batch.get("skipped_index", [])]
+        self.epoch_drawn += len(batch["labels"]) + sum(skipped.values())
+        self.epoch_digest = add_digests(self.epoch_digest, multiset_digest(np.asarray(drawn, dtype=np.int64)))
         return batch
 
     def counts(self) -> dict[str, dict[str, int]]:
@@ -73,14 +100,13 @@ class SampleCounts:
         return {"skipped": dict(self.skipped), "degraded": dict(self.degraded)}
 
     def _state_header(self) -> dict[str, Any]:
-        return {"format": LOADER_STATE_FORMAT, "kind": self.kind, **self.counts()}
+        return {"format": LOADER_STATE_FORMAT, "kind": self.kind}
 
     def _load_header(self, state: dict[str, Any]) -> None:
-        """Refuse a state saved by another kind of loader (or not a loader state), then restore the counters."""
+        """Refuse a state saved by another kind of loader (or not a loader state)."""
         if state.get("format") != LOADER_STATE_FORMAT or state.get("kind") != self.kind:
             raise ValueError(f"not a {self.kind} train-loader state (format {state.get('format')!r}, "
                              f"kind {state.get('kind')!r}); the run was made with another data.loader")
-        self.skipped, self.degraded = Counter(state.get("skipped", {})), Counter(state.get("degraded", {}))
 
 
 def _worker_init(_: int) -> None:

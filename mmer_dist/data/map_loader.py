@@ -1,12 +1,11 @@
 """The map-style rank loader (`data.loader=map`, the default): random access into the tars by byte offset.
 
-    dataset = ShardDataset(root, "train", cfg.data, decoder, index=index)    # index.json read by the caller
+    dataset = ShardDataset(root, "train", cfg.data, decoder, index=index)    # mmer_dist.data.shard_reader
     loader = build_map_train_loader(dataset, cfg.data, cfg.sampler, rank=r, world_size=R, seed=s)
     dev = build_map_eval_loader(ShardDataset(root, "dev", cfg.data, eval_decoder, index=index), cfg.data, r, R)
 
-* `ShardDataset` reads a sample's members straight from its tar with `os.pread` at the byte
-  offsets the packer recorded in `{shard}.stats.json` (no tar scan); file handles are opened
-  lazily, per process, so forked DataLoader workers never share a file offset.
+* `ShardDataset` (mmer_dist.data.shard_reader) reads a sample's members with one `os.pread` at the
+  byte range of the split's compact index, through a bounded per-process cache of open files.
 * `DistributedWeightedSampler` (mmer_dist.data.sampler) draws the epoch from (seed, epoch):
   weighting `none` = uniform weights without replacement, i.e. a deterministic distributed
   shuffle (one pass; wrap-around duplicates fill the last rank's share); any other weighting
@@ -18,7 +17,9 @@
   `state_dict()` taken after a step names exactly the consumed batches; `iter_from(n)` seeks the
   sampler to n x batch_size. Both give the rest of the epoch, identical to an uninterrupted run.
   With length bucketing the epoch's batches are a deterministic function of the sampler's plan,
-  so resuming at batch n is exact there too.
+  so resuming at batch n is exact there too. Resumed on another number of ranks, the epoch's
+  remaining positions are re-divided (mmer_dist.data.sampler, "Elastic resume"): the same multiset of
+  samples as the uninterrupted epoch, the last batch possibly partial (or empty on some ranks).
 * Evaluation: each rank gets an equal-length strided share of the split (`eval_indices`), padded
   by repeats flagged in `batch["pad"]`; drop the flagged rows before any reduction.
 
@@ -27,8 +28,7 @@ Not for `accelerator.prepare` (see mmer_dist.data.loader).
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+import math
 from typing import Any, Iterator
 
 import numpy as np
@@ -36,130 +36,23 @@ from torch.utils.data import DataLoader, Dataset
 
 from mmer_dist.config import DataConfig, SamplerConfig
 from mmer_dist.data.collate import Collator, bucket_batches
-from mmer_dist.data.decode import Decoder, DecodeError, Skipped
 from mmer_dist.data.loader import SampleCounts, dataloader_settings
-from mmer_dist.data.sampler import DistributedWeightedSampler, eval_indices
+from mmer_dist.data.sampler import DistributedWeightedSampler, eval_indices_at
 from mmer_dist.data.seeds import mix
-from mmer_dist.shards.schema import SampleEntry, ShardIndex, load_index, read_stats, split_index, stats_name
+from mmer_dist.data.shard_reader import ShardDataset
 from mmer_dist.weighting import draw_weights
 
 BUCKET_WINDOW_BATCHES = 32     # length bucketing sorts windows of this many batches of consecutive draws
 
 
-class ShardDataset(Dataset):
-    """Random access to one split of a shards folder: `ds[i]` -> decoded sample dict or `Skipped`.
-
-    `ds[(i, is_padding, epoch, position)]` also works (what the loaders' batch samplers yield):
-    the crop is seeded by (decoder seed, epoch, position) and `sample["pad"] = is_padding`.
-    """
-
-    def __init__(self, shards_dir: str | Path, split: str, cfg_data: DataConfig, decoder: Decoder,
-                 index: ShardIndex | None = None) -> None:
-        self.root = Path(shards_dir)
-        index = load_index(self.root) if index is None else index
-        self.split = split
-        sidx = split_index(index, split, self.root)
-        self.label_names = list(index.labels)
-        self.keys = sidx.keys
-        self.shards = [self.root / s for s in sidx.shards]
-        self.entries: list[list[SampleEntry]] = []
-        for name, size in zip(sidx.shards, sidx.sizes):
-            path = self.root / stats_name(name)
-            if not path.exists():
-                raise FileNotFoundError(f"{path} missing: the index lists shard {name} but its stats file (member "
-                                        f"offsets) is gone; re-run the same `mmer-dist pack` command to redo it")
-            stats = read_stats(self.root, name)
-            if len(stats.samples) != size:
-                raise ValueError(f"{path}: {len(stats.samples)} samples but index.json says {size}; "
-                                 f"the index is stale: re-run `mmer-dist pack` to merge it again")
-            self.entries.append(stats.samples)
-        self.starts = np.concatenate([[0], np.cumsum([len(e) for e in self.entries])]).astype(np.int64)
-        self.labels = np.asarray(sidx.labels, dtype=np.int64)
-        if self.labels.size != self.starts[-1]:
-            raise ValueError(f"{self.root}/index.json: split {split} has {self.labels.size} labels for "
-                             f"{int(self.starts[-1])} samples in its shards; re-run `mmer-dist pack` to merge it again")
-        self.durations = np.asarray([e.duration for es in self.entries for e in es], dtype=np.float64)
-        self.class_counts = [int(sidx.class_counts.get(n, 0)) for n in self.label_names]
-        self.cfg = cfg_data
-        self.decoder = decoder
-        self._fds: dict[int, int] = {}
-        self._pid = -1
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def __getstate__(self) -> dict[str, Any]:     # file descriptors never cross a process boundary
-        state = dict(self.__dict__)
-        state["_fds"], state["_pid"] = {}, -1
-        return state
-
-    def __del__(self) -> None:
-        if getattr(self, "_pid", -1) == os.getpid():
-            for fd in self._fds.values():
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-
-    def locate(self, i: int) -> tuple[int, SampleEntry]:
-        if not 0 <= i < len(self):
-            raise IndexError(f"sample index {i} outside [0, {len(self)}) of split {self.split}")
-        s = int(np.searchsorted(self.starts, i, side="right")) - 1
-        return s, self.entries[s][i - int(self.starts[s])]
-
-    def _fd(self, s: int) -> int:
-        if self._pid != os.getpid():       # first use in this process (e.g. a fresh worker)
-            self._fds, self._pid = {}, os.getpid()
-        fd = self._fds.get(s)
-        if fd is None:
-            fd = self._fds[s] = os.open(self.shards[s], os.O_RDONLY)
-        return fd
-
-    def members(self, i: int) -> dict[str, Any]:
-        """Raw bytes of sample i's members, read at their recorded offsets (a WebDataset-style dict)."""
-        return self._read(*self.locate(i))
-
-    def _read(self, s: int, entry: SampleEntry) -> dict[str, Any]:
-        fd = self._fd(s)
-        out: dict[str, Any] = {"__key__": entry.key}
-        for ext, (offset, size) in entry.members.items():
-            data = os.pread(fd, size, offset)
-            if len(data) != size:
-                raise OSError(f"{self.shards[s]}: member {entry.key}.{ext} truncated "
-                              f"({len(data)} of {size} bytes at offset {offset})")
-            out[ext] = data
-        return out
-
-    def __getitem__(self, item: Any) -> dict[str, Any] | Skipped:
-        return self.load(item)[0]
-
-    def load(self, item: Any) -> tuple[dict[str, Any] | Skipped, dict[str, Any] | None]:
-        """(decoded sample or `Skipped`, the raw members it was decoded from; None when unreadable)."""
-        if isinstance(item, (tuple, list)):
-            i, pad, epoch, pos = int(item[0]), bool(item[1]), int(item[2]), int(item[3])
-        else:
-            i, pad, epoch, pos = int(item), False, None, int(item)
-        key, raw = "?", None
-        try:
-            s, entry = self.locate(i)
-            key = entry.key
-            raw = self._read(s, entry)
-            sample = self.decoder(raw, index=pos, key=key, epoch=epoch)
-        except DecodeError as e:
-            return Skipped.from_error(e, pad), raw
-        except OSError as e:              # the tar on disk is damaged: skip and count, never crash
-            return Skipped(key, "read_error", str(e), pad), None
-        sample["pad"] = pad
-        return sample, raw
-
-
-
 class RankBatchSampler:
-    """Batches of this rank's share of the epoch's draw, starting at the sampler's position.
+    """Batches of this rank's share of the epoch's draw, from the sampler's position to its layout's end.
 
-    Yields lists of (index, False, epoch, position) items; `len` is the full epoch's batch count,
-    num_samples // batch_size on every rank (drop_last). The sampler's position must be a
-    multiple of batch_size (it is when set by the loader: seek(batches x batch_size)).
+    Yields lists of (index, False, epoch, position) items. `len` is the layout's batch count, the same on
+    every rank: a fresh epoch is `num_samples // batch_size` full batches (the sampler's layout covers
+    exactly that many positions); an epoch resumed on another number of ranks may end with a partial
+    batch, and a rank whose share ran out first gets an empty one, so every rank runs the same steps.
+    The sampler's position must be a multiple of batch_size (the loader seeks to batches x batch_size).
     """
 
     def __init__(self, sampler: DistributedWeightedSampler, batch_size: int,
@@ -168,24 +61,31 @@ class RankBatchSampler:
         self.lengths, self.window_batches, self.seed = lengths, int(window_batches), int(seed)
 
     def __len__(self) -> int:
-        return self.sampler.num_samples // self.batch_size
+        return math.ceil(self.sampler.rank_size(0) / self.batch_size)     # rank 0 owns the most positions
+
+    def batches(self) -> list[list[int]]:
+        """This rank's batches of dataset indices for the whole layout (empty ones last, to equal `len`)."""
+        b, plan = self.batch_size, self.sampler.local_indices()
+        if self.window_batches and self.lengths is not None:
+            out = bucket_batches(plan.tolist(), self.lengths, b, self.window_batches,
+                                 seed=mix(self.seed, self.sampler.epoch), drop_last=False)
+        else:
+            out = [plan[k: k + b].tolist() for k in range(0, plan.size, b)]
+        return out + [[]] * (len(self) - len(out))
 
     def __iter__(self) -> Iterator[list[tuple[int, bool, int, int]]]:
         b, epoch, start = self.batch_size, self.sampler.epoch, self.sampler.position
         if start % b:
             raise ValueError(f"sampler position {start} is not a multiple of batch_size={b}; "
                              f"resume with seek(batches_done * batch_size)")
-        first = start // b
-        if self.window_batches and self.lengths is not None:
-            plan = self.sampler.local_indices()
-            batches = bucket_batches(plan.tolist(), self.lengths, b, self.window_batches,
-                                     seed=mix(self.seed, epoch))
-            for k in range(first, len(batches)):
-                yield [(i, False, epoch, k * b + j) for j, i in enumerate(batches[k])]
+        if not self.window_batches:          # plain order: read the plan lazily, batch by batch
+            it = iter(self.sampler)         # starts at the sampler's position
+            for k in range(start // b, len(self)):
+                yield [(i, False, epoch, k * b + j) for j, i in zip(range(b), it)]
             return
-        it = iter(self.sampler)            # starts at the sampler's position
-        for k in range(first, len(self)):
-            yield [(next(it), False, epoch, k * b + j) for j in range(b)]
+        batches = self.batches()
+        for k in range(start // b, len(batches)):
+            yield [(i, False, epoch, k * b + j) for j, i in enumerate(batches[k])]
 
 
 def _dataloader(dataset: Dataset, batch_sampler: Any, collate: Collator, num_workers: int) -> DataLoader:
@@ -208,8 +108,10 @@ class MapTrainLoader(SampleCounts):
         self.label_names, self.class_counts = dataset.label_names, dataset.class_counts
         self.batch_size = batch_sampler.batch_size
         self.loader = _dataloader(dataset, batch_sampler, collate, num_workers)
+        self._batches_done = 0
 
     def __len__(self) -> int:
+        """Batches of the current epoch (its remaining layout after an elastic resume), equal on every rank."""
         return len(self.batch_sampler)
 
     @property
@@ -218,10 +120,17 @@ class MapTrainLoader(SampleCounts):
 
     @property
     def batches_done(self) -> int:
-        return self.sampler.position // self.batch_size
+        return self._batches_done
+
+    @property
+    def epoch_done(self) -> bool:
+        return self._batches_done >= len(self)
 
     def set_epoch(self, epoch: int) -> None:
         """A new epoch starts at batch 0; the current epoch keeps its position (resume)."""
+        if epoch != self.sampler.epoch:
+            self._batches_done = 0
+            self._new_epoch()
         self.sampler.set_epoch(epoch)
 
     def iter_from(self, batches_done: int | None = None) -> Iterator[dict[str, Any]]:
@@ -235,10 +144,12 @@ class MapTrainLoader(SampleCounts):
         if batches_done is not None:
             if not 0 <= batches_done <= len(self):
                 raise ValueError(f"iter_from({batches_done}): the epoch has {len(self)} batches on this rank")
-            self.sampler.seek(int(batches_done) * self.batch_size)
+            self._batches_done = int(batches_done)
+            self.sampler.seek(min(self.sampler.rank_size(), self._batches_done * self.batch_size))
         for batch in self.loader:
             # handed to the loop = consumed: a state_dict() taken after this step resumes after it
             self.sampler.advance(self.batch_size)
+            self._batches_done += 1
             yield self._count(batch)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -250,13 +161,34 @@ class MapTrainLoader(SampleCounts):
                 "batches_done": self.batches_done, "sampler": self.sampler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue the saved epoch after its consumed batches; refuses a state of another configuration."""
+        """Continue the saved epoch after its consumed batches, on this run's number of ranks (the positions
+        left are re-divided when it differs); refuses a state of another configuration."""
         self._load_header(state)
         for key, mine in (("batch_size", self.batch_size), ("bucketing", bool(self.batch_sampler.window_batches))):
             if state[key] != mine:
                 raise ValueError(f"cannot resume mid-epoch: saved {key}={state[key]} but this run has {mine}; "
                                  f"resume with the original data.batch_size / data.bucket_by_length")
-        self.sampler.load_state_dict(state["sampler"])     # checks world size, seed, weights
+        self.sampler.load_state_dict(state["sampler"])     # checks seed and weights; re-divides on a new world size
+        same_world = state["sampler"]["num_replicas"] == self.sampler.num_replicas
+        self._batches_done = int(state["batches_done"]) if same_world else 0
+
+
+class EvalBatches:
+    """This rank's eval batches, computed on the fly: ceil(ceil(n / R) / batch_size) on every rank, strided
+    positions (rank r gets r, r+R, ...), padding repeats flagged. Constant memory whatever n is."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world_size: int) -> None:
+        self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
+        self.per_rank = math.ceil(n / world_size)
+
+    def __len__(self) -> int:
+        return math.ceil(self.per_rank / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[tuple[int, bool, int, int]]]:
+        for k in range(len(self)):
+            t = np.arange(k * self.batch_size, min((k + 1) * self.batch_size, self.per_rank), dtype=np.int64)
+            idx, pad = eval_indices_at(t, self.n, self.rank, self.world_size)
+            yield [(int(i), bool(p), 0, int(i)) for i, p in zip(idx.tolist(), pad.tolist())]
 
 
 class MapEvalLoader(SampleCounts):
@@ -266,13 +198,11 @@ class MapEvalLoader(SampleCounts):
     Not for `accelerator.prepare` either (already split by rank).
     """
 
-    def __init__(self, dataset: ShardDataset, batches: list[list[tuple[int, bool, int, int]]], collate: Collator,
-                 num_workers: int) -> None:
+    def __init__(self, dataset: ShardDataset, batches: EvalBatches, collate: Collator, num_workers: int) -> None:
         super().__init__()
         self.dataset, self.batches = dataset, batches
         self.label_names, self.class_counts = dataset.label_names, dataset.class_counts
-        self.keys = dataset.keys
-        self.num_padding = sum(1 for b in batches for it in b if it[1])
+        self.num_samples = len(dataset)
         self.loader = _dataloader(dataset, batches, collate, num_workers)
 
     def __len__(self) -> int:
@@ -281,13 +211,6 @@ class MapEvalLoader(SampleCounts):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch in self.loader:
             yield self._count(batch)
-
-
-def eval_batches(n: int, batch_size: int, rank: int, world_size: int) -> list[list[tuple[int, bool, int, int]]]:
-    """This rank's eval batches: ceil(ceil(n / R) / batch_size) on every rank, padding flagged."""
-    idx, pad = eval_indices(n, world_size, rank)
-    items = [(int(i), bool(p), 0, int(i)) for i, p in zip(idx.tolist(), pad.tolist())]
-    return [items[k : k + batch_size] for k in range(0, len(items), batch_size)]
 
 
 def build_map_train_loader(dataset: ShardDataset, cfg_data: DataConfig, cfg_sampler: SamplerConfig, rank: int,
@@ -299,7 +222,7 @@ def build_map_train_loader(dataset: ShardDataset, cfg_data: DataConfig, cfg_samp
     b = cfg_data.batch_size
     num_samples = cfg_data.steps_per_epoch * b if cfg_data.steps_per_epoch else None
     sampler = DistributedWeightedSampler(weights, num_replicas=world_size, rank=rank, num_samples=num_samples,
-                                         seed=seed, replacement=replacement)
+                                         seed=seed, replacement=replacement, epoch_batch=b)
     if sampler.num_samples < b:
         raise ValueError(f"split {dataset.split} of {dataset.root}: {len(dataset)} samples over {world_size} ranks "
                          f"give {sampler.num_samples} per rank, fewer than data.batch_size={b}: no full batch. "
@@ -314,5 +237,5 @@ def build_map_eval_loader(dataset: ShardDataset, cfg_data: DataConfig, rank: int
     """This rank's eval loader over `dataset` (centre crops, no shuffle, padding flagged)."""
     if len(dataset) == 0:
         raise ValueError(f"split {dataset.split} of {dataset.root} has no samples to evaluate")
-    batches = eval_batches(len(dataset), cfg_data.eval_batch_size, rank, world_size)
+    batches = EvalBatches(len(dataset), cfg_data.eval_batch_size, rank, world_size)
     return MapEvalLoader(dataset, batches, collate, cfg_data.num_workers)

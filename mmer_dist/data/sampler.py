@@ -48,6 +48,13 @@ lost samples to decode failures still consumed batch_size indices. A loop that n
 resumes at the start of the epoch (it repeats, it never skips). The state is rank-independent
 (every rank is at the same position by construction), so a checkpoint may keep rank 0's state.
 
+Elastic resume. The draw at a global position does not depend on the number of ranks, so the state
+is a position in one global draw: the layout (first position, end) plus the positions consumed per
+rank. Loaded by a sampler with another number of ranks, the epoch continues at the global position
+reached (start + position x R) up to the saved end, the remaining positions strided over the new
+ranks: none repeated, none dropped. Ranks then own sizes that may differ by one; the loader keeps
+the number of batches equal (see mmer_dist.data.map_loader).
+
 Scale (benchmarks/sampler.py, 10M weights): one epoch is planned per rank in well under 2 s with
 O(n) float64 working memory (the CDF or the packed keys, 80 MB at 10M) plus the rank's share.
 """
@@ -69,7 +76,8 @@ from mmer_dist.data.seeds import mix
 __all__ = ["DistributedWeightedSampler", "eval_indices"]
 
 _BLOCK = 1 << 20            # random numbers per seeded generator block (part of the draw's definition)
-_STATE_FORMAT = "mmer_dist.DistributedWeightedSampler/1"
+_STATE_FORMAT = "mmer_dist.DistributedWeightedSampler/2"
+_STATE_FORMAT_V1 = "mmer_dist.DistributedWeightedSampler/1"     # checkpoints of earlier versions still load
 
 
 # --------------------------------------------------------------------------- random numbers
@@ -132,6 +140,8 @@ class DistributedWeightedSampler(Sampler[int]):
         rank: this rank (default: `mmer_dist.dist.rank()`).
         num_samples: indices per rank per epoch (default: ceil(len(weights) / num_replicas) with
             replacement, ceil(#positive weights / num_replicas) without, i.e. one pass).
+        epoch_batch: when > 0, an epoch draws only num_samples // epoch_batch whole batches per rank
+            (what a drop_last loader consumes); the draw itself is unchanged.
         seed: seed of the global draw; the same on every rank.
         replacement: i.i.d. draws following `weights` (True) or a weighted permutation (False).
 
@@ -140,7 +150,8 @@ class DistributedWeightedSampler(Sampler[int]):
     """
 
     def __init__(self, weights: Any, num_replicas: int | None = None, rank: int | None = None,
-                 num_samples: int | None = None, seed: int = 0, replacement: bool = True) -> None:
+                 num_samples: int | None = None, seed: int = 0, replacement: bool = True,
+                 epoch_batch: int = 0) -> None:
         self.weights = _as_weights(weights)
         self.num_replicas = dist.world_size() if num_replicas is None else int(num_replicas)
         self.rank = dist.rank() if rank is None else int(rank)
@@ -155,13 +166,20 @@ class DistributedWeightedSampler(Sampler[int]):
             raise ValueError(f"num_samples={num_samples} must be >= 1 (indices per rank per epoch)")
         self.num_samples = int(num_samples)
         self.total_size = self.num_samples * self.num_replicas
+        # epoch_batch > 0: an epoch uses only the positions of whole batches per rank (a loader's drop_last)
+        used = self.num_samples // epoch_batch * epoch_batch if epoch_batch > 0 else self.num_samples
+        self.epoch_positions = used * self.num_replicas
         self.epoch = 0
-        self._position = 0          # indices of this epoch consumed by the training loop (this rank)
+        # The layout: this rank owns global positions start + rank + R*t below `end`. A fresh epoch starts at 0
+        # and ends at total_size; an epoch resumed on another number of ranks continues at the saved global
+        # position up to the saved end (the remaining positions re-divided: none repeated, none dropped).
+        self._layout = (0, self.epoch_positions)
+        self._position = 0          # positions of this layout consumed by the training loop (this rank)
         self._start = 0             # position when the current/last iteration began (for __len__)
         self._fingerprint: str | None = None
-        self._plan_cache: tuple[int, np.ndarray] | None = None
+        self._plan_cache: tuple[tuple[int, int, int], np.ndarray] | None = None
 
-    # ---- epoch and position
+    # ---- epoch, layout and position
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's draw. A new epoch starts at position 0; the current epoch keeps its
@@ -171,23 +189,41 @@ class DistributedWeightedSampler(Sampler[int]):
             raise ValueError(f"epoch={epoch} must be >= 0")
         if epoch != self.epoch:
             self.epoch, self._position, self._start = epoch, 0, 0
+            self._layout = (0, self.epoch_positions)
+
+    @property
+    def layout(self) -> tuple[int, int]:
+        """(first global position, end) of the positions this epoch still divides over the ranks."""
+        return self._layout
+
+    def rank_size(self, rank: int | None = None) -> int:
+        """Positions `rank` (default: this rank) owns in the current layout."""
+        start, end = self._layout
+        r = self.rank if rank is None else rank
+        return max(0, math.ceil((end - start - r) / self.num_replicas))
 
     @property
     def position(self) -> int:
         """Indices of the current epoch this rank's training loop has consumed."""
         return self._position
 
+    @property
+    def global_position(self) -> int:
+        """Global positions of the epoch consumed by all ranks together (every rank at `position`)."""
+        start, end = self._layout
+        return min(end, start + self._position * self.num_replicas)
+
     def advance(self, n: int) -> int:
         """Record that the loop consumed `n` more indices (clamped at the epoch's end); returns the position."""
         if n < 0:
             raise ValueError(f"advance(n={n}): n must be >= 0")
-        self._position = min(self.num_samples, self._position + int(n))
+        self._position = min(self.rank_size(), self._position + int(n))
         return self._position
 
     def seek(self, position: int) -> None:
         """Set the consumed count of the current epoch absolutely (e.g. batches_done * batch_size)."""
-        if not 0 <= position <= self.num_samples:
-            raise ValueError(f"seek({position}): position must be in [0, num_samples={self.num_samples}]")
+        if not 0 <= position <= self.rank_size():
+            raise ValueError(f"seek({position}): position must be in [0, {self.rank_size()}] (this rank's share)")
         self._position = self._start = int(position)
 
     # ---- padding bookkeeping (replacement=False only; with replacement every draw is i.i.d.)
@@ -200,46 +236,50 @@ class DistributedWeightedSampler(Sampler[int]):
     @property
     def rank_padding(self) -> int:
         """How many of this rank's `num_samples` positions are padding duplicates."""
-        if self.replacement:
-            return 0
-        first = self.num_drawable - self.rank        # local t is padding when rank + R*t >= m
-        first_pad_t = max(0, math.ceil(first / self.num_replicas))
-        return max(0, self.num_samples - first_pad_t)
+        return int(self.is_padding().sum())
 
     def is_padding(self) -> np.ndarray:
-        """Bool mask over this rank's `num_samples` positions: True = a wrap-padding duplicate."""
-        t = np.arange(self.num_samples, dtype=np.int64)
-        if self.replacement:
-            return np.zeros(self.num_samples, dtype=bool)
-        return self.rank + self.num_replicas * t >= self.num_drawable
+        """Bool mask over this rank's positions of the current layout: True = a wrap-padding duplicate."""
+        pos = self.rank_positions()
+        return np.zeros(pos.size, dtype=bool) if self.replacement else pos >= self.num_drawable
 
     # ---- the draw
 
-    def _local_with_replacement(self, rank: int, num_replicas: int) -> np.ndarray:
+    def rank_positions(self, rank: int | None = None) -> np.ndarray:
+        """The global positions `rank` (default: this rank) owns in the current layout, ascending."""
+        start, _ = self._layout
+        r = self.rank if rank is None else rank
+        return start + r + self.num_replicas * np.arange(self.rank_size(r), dtype=np.int64)
+
+    def draw(self, positions: np.ndarray) -> np.ndarray:
+        """Dataset indices at ascending global `positions` of the epoch's draw (the same whatever R is)."""
+        if self.replacement:
+            return self._draw_with_replacement(positions)
+        order = self._global_order_without()
+        return order[positions % order.size]
+
+    def _draw_with_replacement(self, positions: np.ndarray) -> np.ndarray:
         w = self.weights
         cdf = np.cumsum(w)
         total_w = cdf[-1]
         last_positive = w.size - 1 - int(np.argmax(w[::-1] > 0))
-        # Gather this rank's uniforms block by block (positions rank + R*t), never the whole stream.
-        u = np.empty(self.num_samples, dtype=np.float64)
-        t0 = 0
+        # Gather the uniforms of `positions` block by block, never the whole stream.
+        u = np.empty(positions.size, dtype=np.float64)
+        bounds = np.searchsorted(positions, np.arange(0, self.total_size + _BLOCK, _BLOCK))
         for block in range(math.ceil(self.total_size / _BLOCK)):
-            lo = block * _BLOCK
-            hi = min(lo + _BLOCK, self.total_size)
-            first = lo + (rank - lo) % num_replicas          # first position >= lo owned by `rank`
-            if first >= hi:
+            lo, hi = int(bounds[block]), int(bounds[block + 1])
+            if lo == hi:
                 continue
-            vals = _uniform_block(self.seed, self.epoch, _STREAM_WITH, block, hi - lo)[first - lo::num_replicas]
-            u[t0:t0 + vals.size] = vals
-            t0 += vals.size
-        assert t0 == self.num_samples, (t0, self.num_samples)
+            first = block * _BLOCK
+            length = min(_BLOCK, self.total_size - first)
+            u[lo:hi] = _uniform_block(self.seed, self.epoch, _STREAM_WITH, block, length)[positions[lo:hi] - first]
         order = np.argsort(u, kind="stable")
         targets = u[order]
         targets *= total_w
         found = np.searchsorted(cdf, targets, side="right")   # sorted queries: forward walk over the CDF
         del cdf, targets
         np.minimum(found, last_positive, out=found)           # u * W rounding up to W
-        out = np.empty(self.num_samples, dtype=np.int64)
+        out = np.empty(positions.size, dtype=np.int64)
         out[order] = found
         return out
 
@@ -269,44 +309,29 @@ class DistributedWeightedSampler(Sampler[int]):
         order &= np.uint64((1 << idx_bits) - 1)
         return order.view(np.int64)
 
-    def _local_without_replacement(self, rank: int, num_replicas: int) -> np.ndarray:
-        order = self._global_order_without()
-        pos = rank + num_replicas * np.arange(self.num_samples, dtype=np.int64)
-        if self.total_size > order.size:
-            pos %= order.size
-        return order[pos]
-
     def local_indices(self) -> np.ndarray:
-        """This rank's whole epoch (int64, `num_samples` long), computed once per epoch and cached."""
-        if self._plan_cache is None or self._plan_cache[0] != self.epoch:
+        """This rank's dataset indices in the current layout (int64), computed once per epoch and layout."""
+        key = (self.epoch, *self._layout)
+        if self._plan_cache is None or self._plan_cache[0] != key:
             self._plan_cache = None
-            plan = (self._local_with_replacement if self.replacement
-                    else self._local_without_replacement)(self.rank, self.num_replicas)
-            self._plan_cache = (self.epoch, plan)
+            self._plan_cache = (key, self.draw(self.rank_positions()))
         return self._plan_cache[1]
 
     def global_indices(self) -> np.ndarray:
         """The whole global draw of the epoch (total_size long); rank r's share is `[r::num_replicas]`.
         For tests and tools: it costs num_replicas times a rank's plan."""
-        out = np.empty(self.total_size, dtype=np.int64)
-        if not self.replacement:
-            order = self._global_order_without()
-            pos = np.arange(self.total_size, dtype=np.int64) % order.size
-            return order[pos]
-        for r in range(self.num_replicas):
-            out[r::self.num_replicas] = self._local_with_replacement(r, self.num_replicas)
-        return out
+        return self.draw(np.arange(self.total_size, dtype=np.int64))
 
     def __iter__(self) -> Iterator[int]:
         plan = self.local_indices()
         self._start = start = self._position
         # Lazily, in chunks: never a Python list of the whole epoch.
-        for lo in range(start, self.num_samples, 8192):
-            yield from plan[lo:min(lo + 8192, self.num_samples)].tolist()
+        for lo in range(start, plan.size, 8192):
+            yield from plan[lo:min(lo + 8192, plan.size)].tolist()
 
     def __len__(self) -> int:
-        """Indices the next/current iteration yields: num_samples minus the position it starts at."""
-        return self.num_samples - self._start
+        """Indices the next/current iteration yields: this rank's share minus the position it starts at."""
+        return self.rank_size() - self._start
 
     # ---- checkpointing
 
@@ -318,12 +343,14 @@ class DistributedWeightedSampler(Sampler[int]):
         return self._fingerprint
 
     def state_dict(self) -> dict[str, Any]:
-        """Epoch, consumed position and the identity of the draw; json-serialisable."""
+        """Epoch, the layout and the consumed position, and the identity of the draw; json-serialisable."""
         return {
             "format": _STATE_FORMAT,
             "epoch": self.epoch,
             "seed": self.seed,
             "position": self._position,
+            "layout": list(self._layout),
+            "global_position": self.global_position,
             "num_replicas": self.num_replicas,
             "num_samples": self.num_samples,
             "replacement": self.replacement,
@@ -332,29 +359,39 @@ class DistributedWeightedSampler(Sampler[int]):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue the saved epoch at the saved position; refuses a state from a different draw."""
-        if not isinstance(state, Mapping) or state.get("format") != _STATE_FORMAT:
+        """Continue the saved epoch: at the saved position with the same number of ranks, or with the
+        positions left of it re-divided over this run's ranks. Refuses a state from a different draw."""
+        if not isinstance(state, Mapping) or state.get("format") not in (_STATE_FORMAT, _STATE_FORMAT_V1):
             raise ValueError(f"not a DistributedWeightedSampler state (expected format {_STATE_FORMAT!r}, "
                              f"got {state.get('format') if isinstance(state, Mapping) else type(state).__name__!r})")
         checks = {
-            "num_replicas": (self.num_replicas, "the world size changed; resume with the same number of processes"),
-            "num_samples": (self.num_samples, "samples per rank changed (dataset size, world size or num_samples)"),
             "replacement": (self.replacement, "sampler.replacement changed"),
             "seed": (self.seed, "sampler.seed changed"),
             "weights_fingerprint": (self.fingerprint(), "the weights changed (other shards, split or weighting scheme)"),
         }
+        same_world = state.get("num_replicas") == self.num_replicas
+        if same_world:
+            checks["num_samples"] = (self.num_samples, "samples per rank changed (dataset size or num_samples)")
         for key, (mine, why) in checks.items():
             if state.get(key) != mine:
                 raise ValueError(f"cannot resume sampler: saved {key}={state.get(key)!r} but this run has "
                                  f"{key}={mine!r}: {why}. Resume with the original configuration, "
                                  f"or start the epoch afresh without loading the sampler state.")
-        position = int(state["position"])
-        if not 0 <= position <= self.num_samples:
-            raise ValueError(f"saved position={position} outside [0, num_samples={self.num_samples}]")
         epoch = int(state["epoch"])
         if epoch < 0:
             raise ValueError(f"saved epoch={epoch} must be >= 0")
-        self.epoch, self._position, self._start = epoch, position, position
+        saved_r = int(state["num_replicas"])
+        layout = tuple(state.get("layout") or (0, int(state["num_samples"]) * saved_r))   # format 1: a fresh layout
+        position = int(state["position"])
+        if not 0 <= position <= max(0, math.ceil((layout[1] - layout[0]) / saved_r)):
+            raise ValueError(f"saved position={position} outside the saved layout {list(layout)} of {saved_r} ranks")
+        self.epoch = epoch
+        if same_world:
+            self._layout, self._position = (int(layout[0]), int(layout[1])), position
+        else:                        # elastic: the rest of the epoch over this run's ranks
+            done = min(int(layout[1]), int(layout[0]) + position * saved_r)
+            self._layout, self._position = (done, int(layout[1])), 0
+        self._start = self._position
 
 
 # --------------------------------------------------------------------------- evaluation split
@@ -372,7 +409,12 @@ def eval_indices(n: int, num_replicas: int | None = None,
     _check_world(num_replicas, rank)
     if n < 0:
         raise ValueError(f"n={n} must be >= 0")
-    per = math.ceil(n / num_replicas)
-    pos = rank + num_replicas * torch.arange(per, dtype=torch.int64)
+    idx, padding = eval_indices_at(np.arange(math.ceil(n / num_replicas), dtype=np.int64), n, rank, num_replicas)
+    return torch.from_numpy(idx), torch.from_numpy(padding)
+
+
+def eval_indices_at(t: np.ndarray, n: int, rank: int, num_replicas: int) -> tuple[np.ndarray, np.ndarray]:
+    """Entries `t` of `eval_indices(n, num_replicas, rank)` as numpy (indices, is_padding), without the rest."""
+    pos = rank + num_replicas * t
     padding = pos >= n
     return (pos % n if n else pos), padding

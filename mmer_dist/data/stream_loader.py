@@ -246,7 +246,12 @@ class StreamLoader(SampleCounts):
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self._start = 0
+            self._new_epoch()
         self.epoch = int(epoch)
+
+    @property
+    def epoch_done(self) -> bool:
+        return self._start >= len(self)
 
     def pipeline(self) -> Any:
         balance = None

@@ -59,9 +59,9 @@ from typing import Any
 
 from mmer_dist.corpora import read_corpus
 from mmer_dist.corpora.labels import labels_for
-from mmer_dist.corpora.record import ReadReport
+from mmer_dist.corpora.record import GROUP_UNITS, ReadReport
 from mmer_dist.shards import media
-from mmer_dist.shards.merge import merge_stats, record_diff, split_lines
+from mmer_dist.shards.merge import merge_stats, record_diff, split_lines, write_index
 from mmer_dist.shards.plan import PackConfig, PackError, ShardJob, parse_bytes, plan_shards, reader_options_for
 from mmer_dist.shards.schema import INDEX_FILE, PACK_FILE, SKIPPED_FILE, ShardIndex, write_json_atomic
 from mmer_dist.shards.writer import ShardOutcome, WriteSpec, is_complete, write_shard
@@ -140,10 +140,9 @@ def merge(out: str | Path, jobs: list[ShardJob], cfg: PackConfig, report: ReadRe
     labels = list(labels_for(cfg.corpus))
     merged = merge_stats(out, [(j.split, j.name) for j in jobs], labels)
     media_skipped, media_degraded = merged.dropped, merged.degraded
-    index = ShardIndex(corpus=cfg.corpus, profile=cfg.profile, labels=labels, splits=merged.splits,
-                       extra={"pack_hash": cfg.digest(), "sample_rate": cfg.sample_rate,
-                              "video_size": cfg.video_size, "video_fps": cfg.video_fps})
-    write_json_atomic(out / INDEX_FILE, index.to_json())
+    index = merged.index(cfg.corpus, cfg.profile, GROUP_UNITS.get(cfg.corpus, "utterance"),
+                         extra={"pack_hash": cfg.digest(), "sample_rate": cfg.sample_rate,
+                                "video_size": cfg.video_size, "video_fps": cfg.video_fps})
     rd = report.to_dict()
     dropped = Counter(rd["skipped"]) + media_skipped
     degraded = Counter(rd["degraded"]) + media_degraded
@@ -154,6 +153,7 @@ def merge(out: str | Path, jobs: list[ShardJob], cfg: PackConfig, report: ReadRe
         "media": {"dropped": dict(sorted(media_skipped.items())), "degraded": dict(sorted(media_degraded.items())),
                   "files": merged.files},
     })
+    write_index(out, index, merged.samples)        # index.json last: the folder is complete
     return index
 
 
@@ -182,7 +182,7 @@ class PackResult:
 def _check_out(out: Path, cfg: PackConfig, overwrite: bool, num_tasks: int) -> None:
     """Create `out`, or accept it when made with the same config; refuse otherwise."""
     pack_file = out / PACK_FILE
-    ours = lambda p: p.name in (INDEX_FILE, PACK_FILE, SKIPPED_FILE) or (  # noqa: E731
+    ours = lambda p: p.name in (INDEX_FILE, PACK_FILE, SKIPPED_FILE) or p.name.endswith(".samples.npy") or (  # noqa: E731
         p.name.lstrip(".").startswith(f"{cfg.corpus}-") and (".tar" in p.name or ".stats.json" in p.name))
     if out.exists() and not out.is_dir():
         raise PackError(f"--out {out} exists and is not a folder; choose another path")

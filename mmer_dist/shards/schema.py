@@ -5,7 +5,12 @@ A shards folder holds, per split, WebDataset tars and their index:
     {corpus}-{split}-{000000}.tar          one sample = KEY.json (+ KEY.txt, KEY.flac, KEY.mp4)
     {corpus}-{split}-{000000}.stats.json   written last, after the tar is renamed into place:
                                            marks the shard complete (resume skips it)
-    index.json                             merged from the stats files at the end of a pack
+    index.json                             the summaries, merged from the stats files at the end of a
+                                           pack: label set, speakers, per split the shards with their
+                                           sample counts, bytes and class counts; human-readable
+    samples/{split}/{field}.npy            the compact index of a split: one column per field of
+                                           SAMPLE_DTYPE (shard, byte range, label, speaker, group,
+                                           duration), one row per sample, memory-mapped by every reader
     pack.json                              the packing arguments (a different config is refused)
     skipped.json                           inputs skipped or degraded, by reason, with names
 
@@ -19,8 +24,16 @@ Members of one sample (a modality the utterance lacks is absent, never empty):
     KEY.flac   audio: mono 16 kHz FLAC (profile train) / KEY.wav etc. original bytes (profile raw)
     KEY.mp4    video: re-encoded to the training profile, or the original bytes (profile raw)
 
-Per-shard stats (`ShardStats`) record every sample's key, label id and the byte offset and
-size of each member inside the tar, so the map-style loader can seek straight to a sample.
+Per-shard stats (`ShardStats`) record every sample's key, label id, speaker, group and the byte
+offset and size of each member inside the tar. The merge turns them into the split's compact index:
+a sample's members are consecutive in its tar, so one byte range (the first member's header to the
+last member's data) is all a reader needs: one read per sample, parsed in memory (`split_members`).
+At 10M samples the columns take 300 MB on disk and nothing in memory until pages are touched (a rank
+reads the 20 MB label column to plan its epoch); the page cache shares them between the ranks and
+loader workers of a node.
+
+A sample's `group` is its corpus's independent unit (`ShardIndex.group_unit`): the MELD dialogue id,
+the RAVDESS actor, or -1 (each utterance its own unit); statistics resample whole groups.
 """
 
 from __future__ import annotations
@@ -31,7 +44,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+import numpy as np
+
+SCHEMA_VERSION = 2
+"""2: index.json holds summaries only, the per-sample fields live in `samples/{split}/`."""
+
+SAMPLE_DTYPE = np.dtype([("shard", "<i4"), ("offset", "<i8"), ("size", "<i4"), ("label", "<i2"),
+                         ("speaker", "<i4"), ("group", "<i4"), ("duration", "<f4")])
+"""One sample of the compact index: shard (position in the split's shard list), the byte range of its
+members in that tar (offset of the first member's header, size up to the end of the last member's data),
+label id, speaker (position in `ShardIndex.speakers`, -1 unknown), group (see the module docstring),
+audio seconds."""
+TAR_BLOCK = 512
 
 INDEX_FILE = "index.json"
 PACK_FILE = "pack.json"
@@ -61,6 +85,14 @@ class SampleEntry:
     label_id: int
     members: dict[str, list[int]]      # extension -> [byte offset of the data, size in bytes]
     duration: float = 0.0              # seconds of audio (0 when absent)
+    speaker: str | None = None         # None: written by a version that did not record it (`mmer-dist reindex`)
+    group: int = -1                    # the corpus's independent unit (module docstring)
+
+    def byte_range(self) -> tuple[int, int]:
+        """(offset, size) of the sample's members in its tar: first header to the end of the last data."""
+        start = min(off for off, _ in self.members.values()) - TAR_BLOCK
+        end = max(off + size for off, size in self.members.values())
+        return start, end - start
 
 
 @dataclass
@@ -89,12 +121,12 @@ class ShardStats:
 
 @dataclass
 class SplitIndex:
-    """All shards of one split, in order; what a loader and the sampler need."""
+    """The summary of one split: its shards in order with their sizes, bytes and class counts."""
 
     shards: list[str] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)          # samples per shard, same order
-    keys: list[str] = field(default_factory=list)           # every sample, in shard order
-    labels: list[int] = field(default_factory=list)         # label id of every sample, same order
+    shard_bytes: list[int] = field(default_factory=list)    # bytes of each tar (a size check needs no read)
+    shard_classes: list[list[int]] = field(default_factory=list)   # per shard: samples per label id
     class_counts: dict[str, int] = field(default_factory=dict)
     modalities: dict[str, int] = field(default_factory=dict)
     duration: float = 0.0
@@ -102,14 +134,14 @@ class SplitIndex:
 
     @property
     def num_samples(self) -> int:
-        return len(self.keys)
+        return int(sum(self.sizes))
 
-    def add_shard(self, name: str, stats: "ShardStats") -> None:
+    def add_shard(self, name: str, stats: "ShardStats", labels: list[str]) -> None:
         """Append a complete shard's stats (merging the per-shard files into the index)."""
         self.shards.append(name)
         self.sizes.append(len(stats.samples))
-        self.keys.extend(e.key for e in stats.samples)
-        self.labels.extend(e.label_id for e in stats.samples)
+        self.shard_bytes.append(stats.bytes)
+        self.shard_classes.append([int(stats.class_counts.get(k, 0)) for k in labels])
         for k, n in stats.class_counts.items():
             self.class_counts[k] = self.class_counts.get(k, 0) + n
         for k, n in stats.modalities.items():
@@ -128,6 +160,8 @@ class ShardIndex:
     splits: dict[str, SplitIndex]
     schema_version: int = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)    # e.g. the encoder that made embedding shards
+    speakers: list[str] = field(default_factory=list)      # speaker names; the compact index holds positions
+    group_unit: str = "utterance"                          # what a sample's group is: dialogue | speaker | utterance
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,8 +191,12 @@ def read_stats(shards_dir: str | Path, shard: str) -> ShardStats:
         return ShardStats.from_json(json.load(f))
 
 
+class IndexFormatError(ValueError):
+    """A shards folder written by an older mmer_dist (or damaged): the message names the upgrade command."""
+
+
 def load_index(shards_dir: str | Path) -> ShardIndex:
-    """Read `index.json` of a shards folder, with an error that says how to make one."""
+    """Read `index.json` of a shards folder (the summaries), with an error that says how to make or upgrade one."""
     path = Path(shards_dir) / INDEX_FILE
     if not path.exists():
         raise FileNotFoundError(
@@ -166,8 +204,72 @@ def load_index(shards_dir: str | Path) -> ShardIndex:
             f"Create one with `mmer-dist pack {{meld,ravdess}} --root RAW --out {shards_dir}` "
             f"(an interrupted pack resumes when run again with the same arguments)."
         )
-    with open(path, encoding="utf-8") as f:
-        return ShardIndex.from_json(json.load(f))
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError as e:
+        raise IndexFormatError(f"{path} is not valid JSON ({e}); rebuild it from the shards' stats files with "
+                               f"`mmer-dist reindex {shards_dir}`") from None
+    if data.get("schema_version", 1) < SCHEMA_VERSION:
+        raise IndexFormatError(
+            f"{path} was written by an older mmer_dist (index format {data.get('schema_version', 1)}, this version "
+            f"reads {SCHEMA_VERSION}: summaries in index.json, per-sample columns in samples/{{split}}/). "
+            f"Upgrade the folder in place with `mmer-dist reindex {shards_dir}` (resumable; reads the stats files "
+            f"and each sample's KEY.json, rewrites no tar).")
+    return ShardIndex.from_json(data)
+
+
+SAMPLES_DIR = "samples"
+
+
+def write_samples(shards_dir: str | Path, split: str, records: np.ndarray) -> None:
+    """The columns of `split`'s compact index (SAMPLE_DTYPE records) as `samples/{split}/{field}.npy`, each atomically."""
+    folder = Path(shards_dir) / SAMPLES_DIR / split
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in SAMPLE_DTYPE.names:
+        path = folder / f"{name}.npy"
+        tmp = folder / f".{name}.npy.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(records[name]), allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+class Samples:
+    """The compact index of one split: `samples["label"]` etc., each column memory-mapped on first use.
+
+    Picklable without its data (a DataLoader worker maps the files again), so forked or spawned
+    workers never copy the columns."""
+
+    def __init__(self, shards_dir: str | Path, split: str, size: int) -> None:
+        self.folder, self.split, self.size = Path(shards_dir) / SAMPLES_DIR / split, split, int(size)
+        self._columns: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        col = self._columns.get(name)
+        if col is None:
+            col = self._columns[name] = self._map(name)
+        return col
+
+    def _map(self, name: str) -> np.ndarray:
+        path = self.folder / f"{name}.npy"
+        fix = f"rebuild it with `mmer-dist reindex {self.folder.parent.parent}`"
+        try:
+            col = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise IndexFormatError(f"{path}: a column of the compact index of split {self.split!r} cannot be read "
+                                   f"({e}); {fix}") from None
+        if col.dtype != SAMPLE_DTYPE[name] or col.shape != (self.size,):
+            raise IndexFormatError(f"{path}: {col.shape} of {col.dtype}, expected ({self.size},) of "
+                                   f"{SAMPLE_DTYPE[name]}: the index is stale or damaged; {fix}")
+        return col
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_columns": {}}
 
 
 def split_index(index: ShardIndex, split: str, shards_dir: str | Path = "") -> SplitIndex:
@@ -175,3 +277,29 @@ def split_index(index: ShardIndex, split: str, shards_dir: str | Path = "") -> S
     if split not in index.splits:
         raise KeyError(f"split {split!r} not in shards {shards_dir}; present: {', '.join(sorted(index.splits))}")
     return index.splits[split]
+
+
+def split_members(blob: bytes, where: str = "") -> tuple[str, dict[str, bytes]]:
+    """(key, {ext: bytes}) of one sample's byte range (SAMPLE_DTYPE offset/size): its consecutive USTAR
+    members `KEY.EXT`, parsed in memory. ValueError when the bytes are not such members (`where` names them)."""
+    members: dict[str, bytes] = {}
+    key, pos = "", 0
+    while pos + TAR_BLOCK <= len(blob):
+        header = blob[pos: pos + TAR_BLOCK]
+        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        try:
+            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        except ValueError:
+            raise ValueError(f"{where}: no tar header at byte {pos} of the sample's range") from None
+        k, dot, ext = name.partition(".")
+        if not dot or (key and k != key):
+            raise ValueError(f"{where}: member {name!r} at byte {pos} is not part of sample {key or '?'}")
+        key = k
+        data = blob[pos + TAR_BLOCK: pos + TAR_BLOCK + size]
+        if len(data) != size:
+            raise ValueError(f"{where}: member {name} truncated ({len(data)} of {size} bytes)")
+        members[ext] = data
+        pos += TAR_BLOCK + (size + TAR_BLOCK - 1) // TAR_BLOCK * TAR_BLOCK
+    if not members:
+        raise ValueError(f"{where}: the sample's byte range holds no tar member")
+    return key, members

@@ -271,7 +271,7 @@ def write_shard(job: ShardJob, spec: WriteSpec, progress: Callable[[int], None] 
         offsets, size = write_tar(out, job.name, built())
         stats = ShardStats(
             shard=job.name, split=job.split,
-            samples=[SampleEntry(u.key, u.label_id, offsets[u.key], round(a, 6)) for u, a in entries],
+            samples=[SampleEntry(u.key, u.label_id, offsets[u.key], round(a, 6), u.speaker, u.group) for u, a in entries],
             bytes=size,
             class_counts={k: class_counts[k] for k in spec.labels if class_counts[k]},
             modalities={k: modalities[k] for k in ("text", "audio", "video") if modalities[k]},

@@ -45,7 +45,13 @@ class TrainerState:
     best_score: float = -1.0          # best dev Macro-F1 so far
     best_step: int = -1
     samples_seen: int = 0             # global, over all ranks
-    skipped: dict[str, int] = field(default_factory=dict)   # decode skips by reason, main rank's view
+    total_steps: int = 0              # the run's planned optimizer steps (the schedule's length), set at its start
+    # Every sample accounted for (mmer_dist.train.accounting), summed over ranks and the run's processes:
+    samples_read: int = 0             # training samples drawn: delivered + skipped
+    skipped: dict[str, int] = field(default_factory=dict)    # decode failures by reason
+    degraded: dict[str, int] = field(default_factory=dict)   # samples kept without a modality, by reason
+    epoch_drawn: int = 0              # samples drawn so far in `epoch`, and their multiset digest
+    epoch_digest: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -30,6 +30,7 @@ from mmer_dist.train.checkpoint import (
     EXPORT_WEIGHTS, TrainerState, export_model, load_exported, read_checkpoint_extra, read_trainer_state,
     resolve_resume, save_checkpoint,
 )
+from mmer_dist.train.accounting import DataAccounting
 from mmer_dist.train.engine import (
     build_accelerator, fill_deepspeed_sizes, full_state_dict, param_checksum, rewrap_model, whole_hf_models,
     zero_stage,
@@ -65,6 +66,23 @@ def train(cfg: Config, run_dir: Path, index: ShardIndex | None = None) -> dict[s
     return metrics
 
 
+def check_elastic_resume(checkpoint: Path, saved: int, world: int, stage: int | None, cfg: Config) -> None:
+    """Refuse a resume on another number of ranks where the state cannot be re-divided, naming the choices."""
+    from mmer_dist.config import ConfigError
+
+    if stage is not None:
+        raise ConfigError(
+            f"{checkpoint} was written by {saved} DeepSpeed processes and this run has {world}: DeepSpeed's ZeRO "
+            f"states are partitioned per rank. Resume with {saved} processes, or convert the checkpoint to "
+            f"DeepSpeed's universal format (deepspeed/checkpoint/ds_to_universal.py) and resume from that with "
+            f'"checkpoint": {{"load_universal": true}} in the DeepSpeed JSON')
+    if cfg.data.loader == "stream":
+        raise ConfigError(
+            f"{checkpoint} was written by {saved} process(es) and this run has {world}: a streaming epoch is a "
+            f"per-rank stream of shards and cannot be re-divided. Resume with {saved} processes, or use "
+            f"data.loader=map (exact elastic resume), or start a new run from the exported weights")
+
+
 def write_run_files(run_dir: Path, cfg: Config, accelerator: Any) -> None:
     """config.yaml (the resolved config) and env.json, on the main rank, before anything trains."""
     if accelerator.is_main_process:
@@ -96,9 +114,11 @@ class Run:
                                              rank=rank, world_size=self.world, index=index)
         self.labels = self.train_loader.label_names
         self.loss_fn = build_loss(cfg.loss, self.train_loader.class_counts).to(device)   # weights are buffers
-        self.batches_per_epoch = len(self.train_loader)
-        self.steps_per_epoch = max(1, self.batches_per_epoch // cfg.train.grad_accum)
-        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+        self.steps_per_epoch = max(1, len(self.train_loader) // cfg.train.grad_accum)
+        # The schedule's length is fixed when the run starts; a resumed run (on any number of ranks) keeps it.
+        self.total_steps = state.total_steps or cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+        state.total_steps = self.total_steps
+        self.accounting = DataAccounting(self.train_loader, state, cfg.data.max_skip_fraction)
 
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps)
@@ -135,12 +155,24 @@ class Run:
         return self.ema.applied(self.unwrapped) if self.ema is not None else contextlib.nullcontext()
 
     def restore(self, checkpoint: Path) -> None:
-        """Model, optimizer, scheduler, RNG, weight average (Accelerate) and the loader's position."""
+        """Model, optimizer, scheduler, RNG, weight average (Accelerate) and the loader's position.
+
+        On another number of ranks than the checkpoint's, the map-style loader re-divides the rest of the
+        epoch (exact: mmer_dist.data.sampler); a streaming epoch or DeepSpeed's partitioned states cannot be
+        re-divided, so those are refused with the choices."""
+        extra = read_checkpoint_extra(checkpoint)
+        saved = int(extra.get("world_size", self.world))
+        if saved != self.world:
+            check_elastic_resume(checkpoint, saved, self.world, zero_stage(self.accelerator), self.cfg)
         self.accelerator.load_state(str(checkpoint))
-        self.train_loader.load_state_dict(read_checkpoint_extra(checkpoint)["loader"])
+        self.train_loader.load_state_dict(extra["loader"])
+        if saved != self.world:
+            self.state.batches_in_epoch = 0          # counts batches of the new layout from here
         if self.main:
+            resized = (f"; the checkpoint was written by {saved} process(es): the rest of epoch {self.state.epoch} "
+                       f"is re-divided over these {self.world}" if saved != self.world else "")
             print(f"resumed from {checkpoint} at step {self.state.step} (epoch {self.state.epoch}, "
-                  f"batch {self.state.batches_in_epoch})", flush=True)
+                  f"batch {self.state.batches_in_epoch}){resized}", flush=True)
 
     # ---- the loop
 
@@ -157,7 +189,7 @@ class Run:
         self._t_last, self._seen_last = time.time(), state.samples_seen
         while state.step < self.total_steps:
             self.train_loader.set_epoch(state.epoch)
-            for batch in self.train_loader.iter_from(state.batches_in_epoch):
+            for batch in self.train_loader.iter_from():       # from the loader's own (restored) position
                 if not self.train_step(batch):
                     continue                      # accumulating gradients: no optimizer step yet
                 self.after_step()
@@ -184,7 +216,10 @@ class Run:
         accelerator, state = self.accelerator, self.state
         batch = to_device(batch, accelerator.device)
         with accelerator.accumulate(self.model):
-            loss = self.loss_fn(self.model(batch).float(), batch["labels"])
+            logits = self.model(batch).float()
+            # A batch can be empty (every sample skipped, or an elastic epoch's last step on a rank whose share
+            # ran out): its zero loss still runs backward, so DDP's all-reduce sees every rank.
+            loss = self.loss_fn(logits, batch["labels"]) if len(batch["labels"]) else logits.sum() * 0.0
             accelerator.backward(loss)
             if accelerator.sync_gradients and self.cfg.optim.grad_clip > 0:
                 accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
@@ -195,8 +230,11 @@ class Run:
         state.samples_seen += len(batch["labels"]) * self.world
         # The state always names the next batch to consume, so a checkpoint taken now resumes after it.
         state.batches_in_epoch += 1
-        if state.batches_in_epoch >= self.batches_per_epoch:
+        if self.train_loader.epoch_done:
+            self.log.write({"step": state.step, "epoch": state.epoch, "split": "train",
+                            **self.accounting.end_epoch(state.epoch)})
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            self.train_loader.set_epoch(state.epoch)
         if not accelerator.sync_gradients:
             return False
         self.scheduler.step()
@@ -226,8 +264,11 @@ class Run:
         totals = dist.all_reduce_sum(self._window)
         mean_loss = float(totals[0] / max(totals[1].item(), 1.0))
         rate = (self.state.samples_seen - self._seen_last) / max(now - self._t_last, 1e-9)
+        read, skipped, degraded = self.accounting.running()
+        self.accounting.check(read, skipped)
         self.log.write({"step": self.state.step, "epoch": self.state.epoch, "split": "train", "loss": mean_loss,
-                        "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate})
+                        "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate,
+                        "samples_read": read, "skipped": skipped, "degraded": degraded})
         self.bar.set_postfix(loss=f"{mean_loss:.3f}", samples_s=f"{rate:.0f}", refresh=False)
         self._t_last, self._seen_last = now, self.state.samples_seen
         self._window.zero_()
@@ -257,6 +298,7 @@ class Run:
             export_model(sd, self.cfg.model, self.cfg.data, self.labels, path, info)
 
     def checkpoint(self) -> None:
+        self.accounting.store(self.state)          # the run's data counts, summed over ranks
         extra = {"loader": self.train_loader.state_dict(), "world_size": self.world}
         save_checkpoint(self.accelerator, self.run_dir, self.state, extra, self.cfg.train.keep_checkpoints)
 
@@ -278,9 +320,13 @@ class Run:
         checksums = dist.all_gather_object(param_checksum(self.unwrapped))
         with whole_hf_models():
             best_model = load_exported(best_dir)[0].to(accelerator.device)
-        metrics = evaluate(best_model, self.eval_loader, accelerator.device, self.loss_fn).metrics
-        metrics.update({"split": cfg.data.eval_split, "best_step": state.best_step, "steps": state.step,
-                        "samples_seen": state.samples_seen, "shards": str(cfg.data.shards)})
+        metrics = evaluate(best_model, self.eval_loader, accelerator.device, self.loss_fn,
+                           predictions=self.run_dir).metrics
+        self.accounting.store(state)
+        metrics.update({"split": cfg.data.eval_split, "selected_on": cfg.data.eval_split, "best_step": state.best_step,
+                        "steps": state.step, "samples_seen": state.samples_seen, "shards": str(cfg.data.shards),
+                        "train_data": {"read": state.samples_read, "skipped": state.skipped,
+                                       "degraded": state.degraded}})
         if self.main:
             write_metrics(metrics, self.run_dir / "metrics.json")     # the format `mmer-dist eval` writes
             write_json_atomic(self.run_dir / "train_state.json",
