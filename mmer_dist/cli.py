@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("mmer_dist.corpora.synthetic", "write a small learnable synthetic corpus in the dataset's own raw layout"),
     "pack": ("mmer_dist.shards.pack", "pack a raw corpus into WebDataset shards with an index"),
     "inspect": ("mmer_dist.shards.inspect", "summarise a shards folder (splits, classes, modalities, skipped inputs)"),
+    "reindex": ("mmer_dist.shards.reindex", "rebuild a shards folder's index from its stats (upgrades older folders)"),
     "train": ("mmer_dist.train.__main__", "train a model (same as `python -m mmer_dist.train`)"),
     "eval": ("mmer_dist.evaluate", "evaluate a run or exported model on a split of a shards folder"),
     "predict": ("mmer_dist.predict", "emotion of one raw utterance (any subset of video, audio, text)"),

@@ -18,18 +18,17 @@ same keys in the same order, with per sample
     KEY.json            the input's KEY.json, byte for byte (label, speaker, ...)
     KEY.emb.{m}.npy     float16, [D] for model.<m>.pooling=mean|cls, [T, D] (real tokens only) for tokens
 
-(a modality the sample lacks has no member; a sample that fails to decode or has none of the
-modalities is dropped and recorded in the stats and skipped.json, by reason). Then, like the packer:
-`{shard}.stats.json` written last per shard (offsets, labels: the loader and sampler read it),
-`index.json` merged at the end with `extra["embeddings"][m]` = the encoder record (kind, pretrained
-name, resolved source, size, pooling, layer, dim, dtype, sha256 of the weights, config hash, stored
-vector/tokens), `embed.json` (the arguments; another configuration in the same OUT is refused) and
-`skipped.json` (the input's plus this run's).
+(a modality the sample lacks has no member; a sample that fails to decode or has none of the modalities
+is dropped and recorded by reason). Then, like the packer (mmer_dist.shards.merge): `{shard}.stats.json`
+written last per shard, the compact index and `index.json` at the end with `extra["embeddings"][m]` = the
+encoder record (kind, pretrained name, source, size, pooling, layer, dim, dtype, sha256 of the weights,
+config hash, stored vector/tokens), `embed.json` (the arguments; another configuration in OUT is refused)
+and `skipped.json` (the input's plus this run's).
 
-Distribution: rank r of R writes the not-yet-complete output shards i with i % R == r (the list is made
-once, on rank 0, and broadcast), so each sample is embedded exactly once; a shard's bytes depend only on
-its input shard, the encoders and `data.eval_batch_size`, never on R. A killed run resumes by running the
-same command again: complete shards (stats file present) are kept, partial ones redone.
+Distribution: rank r of R writes the not-yet-complete output shards i with i % R == r (listed once, on
+rank 0, and broadcast): each sample is embedded exactly once and a shard's bytes depend only on its input
+shard, the encoders and `data.eval_batch_size`, never on R. A killed run resumes with the same command:
+complete shards (stats file present) are kept, partial ones redone.
 """
 
 from __future__ import annotations
@@ -59,7 +58,6 @@ if TYPE_CHECKING:
 
 EMBED_FILE = "embed.json"
 EMBED_PROFILE = "embeddings"
-STORE_DTYPE = np.float16
 
 
 class EmbedError(RuntimeError):
@@ -80,60 +78,6 @@ class EmbedResult:
     records: dict[str, dict[str, Any]]
     index: ShardIndex | None = None
     timings: dict[str, float] = field(default_factory=dict)
-
-
-# --------------------------------------------------------------------------- encoders
-
-
-def weights_sha256(module: torch.nn.Module) -> str:
-    """sha256 over the state dict (names, dtypes, shapes, bytes): identifies the exact weights."""
-    import torch
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def build_encoders(cfg: Config, modalities: tuple[str, ...], num_classes: int) -> tuple[Any, dict[str, dict[str, Any]]]:
-    """The frozen encoders embed runs (built as `mmer-dist train` builds them) and their index records."""
-    import torch
-
-    from mmer_dist.models import build_model
-    from mmer_dist.models.cached import source_config, source_name
-
-    sources = {m: source_config(m, getattr(cfg.model, m)) for m in modalities}
-    model_cfg = replace(cfg.model, modalities=modalities, num_classes=num_classes, sample_rate=cfg.data.sample_rate,
-                        **sources)
-    torch.manual_seed(cfg.train.seed)            # same weights as the frozen encoders of a training run
-    model = build_model(model_cfg)
-    model.eval()
-    records: dict[str, dict[str, Any]] = {}
-    for m in modalities:
-        enc, scfg = model.encoders[m], sources[m]
-        desc = enc.describe()
-        backbone = getattr(enc, "backbone", None)
-        layers = getattr(getattr(backbone, "config", None), "num_hidden_layers", None)
-        if layers is None and hasattr(enc, "transformer"):
-            layers = len(enc.transformer.layers)
-        random_init = scfg.kind == "scratch" or not scfg.pretrained and scfg.size == "debug"
-        records[m] = {
-            "kind": scfg.kind, "pretrained": source_name(m, scfg), "source": desc.get("source", ""),
-            "size": scfg.size, "pooling": scfg.pooling, "layer": "last", "num_layers": layers,
-            "dim": int(enc.out_dim), "dtype": np.dtype(STORE_DTYPE).name,
-            "stored": "tokens" if scfg.pooling == "tokens" else "vector",
-            "weights_sha256": weights_sha256(enc), "config_hash": desc.get("config_hash", ""),
-            "revision": desc.get("revision", ""), "model_type": desc.get("model_type", ""),
-            "init_seed": cfg.train.seed if random_init else None,
-        }
-        if m == "text":
-            records[m]["max_text_tokens"] = cfg.data.max_text_tokens
-        elif m == "audio":
-            records[m].update(sample_rate=cfg.data.sample_rate, max_audio_seconds=cfg.data.max_audio_seconds)
-        else:
-            records[m].update(video_frames=cfg.data.video_frames, video_size=cfg.data.video_size)
-    return model, records
 
 
 # --------------------------------------------------------------------------- reading the input
@@ -353,8 +297,9 @@ def embed(cfg: Config, shards_in: str | Path, out: str | Path, *, progress: bool
     import torch
     from tqdm.auto import tqdm
 
-    from mmer_dist.models.cached import EMBEDDINGS_KEY
     from mmer_dist.models import build_tokenizer
+    from mmer_dist.models.cached import EMBEDDINGS_KEY
+    from mmer_dist.models.frozen import build_frozen_encoders
     from mmer_dist.shards.writer import is_complete
 
     t0 = time.perf_counter()
@@ -371,7 +316,7 @@ def embed(cfg: Config, shards_in: str | Path, out: str | Path, *, progress: bool
         raise EmbedError(f"data.modalities={list(modalities)} but {shards_in} holds no {', '.join(missing)} "
                          f"(it holds {', '.join(sorted(held)) or 'nothing'}); set data.modalities="
                          f"[{','.join(m for m in modalities if m in held)}]")
-    model, records = build_encoders(cfg, modalities, len(index_in.labels))
+    model, records = build_frozen_encoders(cfg.model, cfg.data, cfg.train.seed, modalities, len(index_in.labels))
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     model.to(device)
     tokenizer = build_tokenizer(model.encoders["text"].cfg) if "text" in modalities else None

@@ -30,14 +30,20 @@ class Utterance:
 
     @property
     def group(self) -> int:
-        """The id of the corpus's independent unit this utterance belongs to (`GROUP_UNITS`): the MELD
-        dialogue, the RAVDESS actor; -1 where each utterance is its own unit."""
-        field_name = {"meld": "dialogue_id", "ravdess": "actor"}.get(self.corpus)
-        return int(self.meta[field_name]) if field_name and field_name in self.meta else -1
+        """The id of the corpus's independent unit this utterance belongs to (`group_of`)."""
+        return group_of(self.corpus, self.meta)
 
 
 GROUP_UNITS = {"meld": "dialogue", "ravdess": "speaker"}
-"""What `Utterance.group` is per corpus; statistics resample whole groups (other corpora: "utterance")."""
+"""What a sample's group is per corpus; statistics resample whole groups (other corpora: "utterance")."""
+_GROUP_FIELDS = {"meld": "dialogue_id", "ravdess": "actor"}
+
+
+def group_of(corpus: str, meta: dict[str, Any]) -> int:
+    """The MELD dialogue id or the RAVDESS actor of an utterance's corpus fields; -1 where each utterance is
+    its own unit."""
+    name = _GROUP_FIELDS.get(corpus)
+    return int(meta[name]) if name and name in meta else -1
 
 
 @dataclass

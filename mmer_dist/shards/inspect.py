@@ -5,7 +5,8 @@
     mmer-dist inspect shards/out/meld --plots plots/  # per-split class-distribution PNGs
 
 Reads `index.json`, `pack.json`, `skipped.json` (and, for a pack that has not been merged
-yet, the per-shard `*.stats.json`); it never opens a tar, so it is instant on any size.
+yet, the per-shard `*.stats.json`); it never opens a tar (one stat per shard checks its size
+against the index: `damaged`), so it is fast on any size.
 
 JSON shape (`summarize`):
     {"path", "corpus", "profile", "complete", "labels",
@@ -14,7 +15,8 @@ JSON shape (`summarize`):
                           "duration", "bytes", "modalities": {"text": n, ...}}, ...},
      "totals": {"samples", "shards", "duration", "bytes"},
      "skipped": {"dropped": {reason: n}, "degraded": {reason: n}, "total_dropped", "total_degraded"},
-     "config": the pack arguments from pack.json (or {})}
+     "config": the pack arguments from pack.json (or {}),
+     "damaged": ["path: N bytes, the index says M", ...] (merged folders)}
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mmer_dist.shards.schema import INDEX_FILE, PACK_FILE, SKIPPED_FILE, ShardStats, load_index
+from mmer_dist.shards.schema import INDEX_FILE, PACK_FILE, SKIPPED_FILE, ShardStats, load_index, size_mismatches
 
 
 def _read_json(path: Path) -> Any:
@@ -88,6 +90,7 @@ def summarize(shards_dir: str | Path) -> dict[str, Any]:
         for name, si in index.splits.items():
             out["splits"][name] = _split_summary(si.class_counts, out["labels"], len(si.shards), si.duration,
                                                  si.bytes, si.modalities)
+        out["damaged"] = size_mismatches(root, index, list(index.splits))   # one stat per shard, no read
         skipped_path = root / SKIPPED_FILE
         sk = _read_json(skipped_path) if skipped_path.exists() else {}
         skipped = {k: sk.get(k, {} if not k.startswith("total") else 0)
@@ -160,6 +163,9 @@ def format_summary(s: dict[str, Any]) -> str:
             if sk.get(what):
                 lines.append(f"{label}: " + ", ".join(f"{k} {v}" for k, v in sorted(sk[what].items())))
         lines.append(f"  (file names in {Path(s['path']) / SKIPPED_FILE})")
+    if s.get("damaged"):
+        lines.append(f"DAMAGED: {len(s['damaged'])} shard(s) differ from the index (first: {s['damaged'][0]}); "
+                     f"`mmer-dist verify {s['path']}` names every one and the command that re-packs them")
     return "\n".join(lines)
 
 

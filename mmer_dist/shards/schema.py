@@ -303,3 +303,19 @@ def split_members(blob: bytes, where: str = "") -> tuple[str, dict[str, bytes]]:
     if not members:
         raise ValueError(f"{where}: the sample's byte range holds no tar member")
     return key, members
+
+
+def size_mismatches(shards_dir: str | Path, index: ShardIndex, splits: list[str]) -> list[str]:
+    """Shards of `splits` whose file is missing or not the size the index recorded (one stat per shard)."""
+    root, out = Path(shards_dir), []
+    for split in splits:
+        si = split_index(index, split, root)
+        for name, expected in zip(si.shards, si.shard_bytes):
+            try:
+                size = os.stat(root / name).st_size
+            except FileNotFoundError:
+                out.append(f"{root / name}: missing (the index says {expected} bytes)")
+                continue
+            if size != expected:
+                out.append(f"{root / name}: {size} bytes, the index says {expected}")
+    return out

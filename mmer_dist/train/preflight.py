@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 from mmer_dist.config import Config, ConfigError, replace
-from mmer_dist.shards.schema import ShardIndex, SplitIndex, split_index
+from mmer_dist.shards.schema import ShardIndex, SplitIndex, size_mismatches, split_index
 
 
 def resolve_for_shards(cfg: Config, index: ShardIndex) -> Config:
@@ -31,6 +31,11 @@ def preflight(cfg: Config, run_dir: Path, index: ShardIndex) -> None:
 
     train = split_index(index, cfg.data.train_split, cfg.data.shards)
     split_index(index, cfg.data.eval_split, cfg.data.shards)   # a missing eval split fails before any process
+    damaged = size_mismatches(cfg.data.shards, index, [cfg.data.train_split, cfg.data.eval_split])
+    if damaged:
+        raise ConfigError(f"{len(damaged)} shard(s) differ from the index: " + "; ".join(damaged[:5])
+                          + f". They changed after packing (truncated, replaced or deleted). `mmer-dist verify "
+                            f"{cfg.data.shards}` checks every shard and prints the command that re-packs the damaged ones")
     # model.<m>.kind=cached needs embeddings of the encoder it names; hf/scratch encoders need media
     check_embeddings(index.extra, cfg.model, cfg.data.modalities, cfg.data.shards)
     present = train.modalities

@@ -19,7 +19,7 @@ from mmer_dist.data.collate import Collator
 from mmer_dist.data.decode import DecodeError, decode_embedding, decode_sample, embedding_ext
 from mmer_dist.embed import EmbedError, embed
 from mmer_dist.models.cached import CachedEncoder, check_embeddings, source_config
-from mmer_dist.shards.schema import load_index
+from mmer_dist.shards.schema import Samples, load_index
 
 ALL = ["data.modalities=[text,audio,video]", "data.max_audio_seconds=10.0"]
 CACHED = ["model.text.kind=cached", "model.text.pretrained=", "model.text.size=debug", "model.text.pooling=mean",
@@ -133,7 +133,11 @@ def test_embed_keeps_keys_labels_and_split_layout(emb_shards: Path, synth_meld_s
     for split, si in src.splits.items():
         so = out.splits[split]
         assert so.shards == si.shards and so.sizes == si.sizes
-        assert so.keys == si.keys and so.labels == si.labels and so.class_counts == si.class_counts
+        assert so.shard_classes == si.shard_classes and so.class_counts == si.class_counts
+        a, b = Samples(synth_meld_shards, split, si.num_samples), Samples(emb_shards, split, so.num_samples)
+        for col in ("label", "speaker", "group", "duration"):
+            assert np.array_equal(a[col], b[col]), col
+    assert out.speakers == src.speakers and out.group_unit == src.group_unit
     rec = out.extra["embeddings"]
     assert rec["text"]["stored"] == "vector" and rec["audio"]["stored"] == "tokens"
     assert rec["text"]["pretrained"] == "" and rec["audio"]["pretrained"] == "scratch"
@@ -142,7 +146,7 @@ def test_embed_keeps_keys_labels_and_split_layout(emb_shards: Path, synth_meld_s
 
     with tarfile.open(emb_shards / out.splits["dev"].shards[0]) as tf:
         names = tf.getnames()
-        key = out.splits["dev"].keys[0]
+        key = names[0].split(".")[0]
         assert f"{key}.json" in names and f"{key}.emb.text.npy" in names
         text = np.load(io.BytesIO(tf.extractfile(f"{key}.emb.text.npy").read()))
         assert text.dtype == np.float16 and text.shape == (32,)

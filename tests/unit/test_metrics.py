@@ -1,4 +1,4 @@
-"""compute_metrics against scikit-learn, and EvalAccumulator's cross-rank merge (padding, duplicates, order)."""
+"""compute_metrics against scikit-learn, and the evaluator's per-rank sums (padding, coverage, predictions)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score,
                              precision_recall_fscore_support, recall_score)
 
-from mmer_dist.train.metrics import (EvalAccumulator, EvalGatherError, compute_metrics, merge_payloads,
-                                     write_metrics)
+from mmer_dist.train.evaluation import EvalAccumulator, EvalCoverageError, merge_rows
+from mmer_dist.train.metrics import compute_metrics, write_metrics
 
 LABELS = ["neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear"]
 TOL = dict(rel=1e-12, abs=1e-15)
@@ -136,107 +136,83 @@ def _split_dataset(n=23, seed=0):
     return keys, y, p
 
 
-def _accumulate(keys, y, p, idx, pad_idx=(), batch=4, losses=None):
+def _batch(torch, keys, y, positions, pad):
+    """A collated batch's bookkeeping for `positions` (padding flags `pad`)."""
+    return {"keys": [keys[i] for i in positions], "labels": torch.tensor([int(y[i]) for i in positions], dtype=torch.long),
+            "index": torch.tensor(list(positions), dtype=torch.long), "pad": torch.tensor(pad, dtype=torch.bool)}
+
+
+def _accumulate(keys, y, p, idx, pad_idx=(), batch=4, rows=None):
     """One rank's accumulator over samples `idx`, with padding duplicates `pad_idx` appended."""
-    acc = EvalAccumulator(LABELS)
+    torch = pytest.importorskip("torch")
+    acc = EvalAccumulator(LABELS, rows)
     order = list(idx) + list(pad_idx)
     flags = [False] * len(idx) + [True] * len(pad_idx)
     for s in range(0, len(order), batch):
         sel = order[s:s + batch]
-        acc.add([keys[i] for i in sel], y[sel], _probs(p[sel]), is_padding=flags[s:s + batch],
-                losses=None if losses is None else losses[sel])
+        acc.add(_batch(torch, keys, y, sel, flags[s:s + batch]), torch.from_numpy(_probs(p[sel])))
     return acc
 
 
-def test_single_rank_gather_equals_compute_metrics():
+def test_single_rank_reduce_equals_compute_metrics():
     keys, y, p = _split_dataset()
-    acc = _accumulate(keys, y, p, range(len(keys)))
-    res = acc.gather()  # no process group: all_gather_object returns [payload]
-    assert res.metrics == compute_metrics(y, p, LABELS)
-    assert [r["key"] for r in res.rows] == sorted(keys)
-    assert res.padding_dropped == 0 and res.ranks == 1
+    metrics = _accumulate(keys, y, p, range(len(keys))).reduce(len(keys))   # no process group: the sums as they are
+    expected = compute_metrics(y, p, LABELS)
+    assert {k: metrics[k] for k in expected} == expected
+    assert metrics["skipped"] == {} and metrics["unit"] == "utterance"
 
 
-def test_two_ranks_with_padding_identical_to_one_rank():
+def test_two_ranks_sum_to_one_rank():
+    """Rank 0 gets the even samples (12), rank 1 the odd ones (11) + one padding duplicate: their sums are
+    the one-rank sums exactly (what the all-reduce adds up)."""
     keys, y, p = _split_dataset(n=23)
-    losses = np.random.default_rng(1).random(len(keys))
-    one = _accumulate(keys, y, p, range(23), losses=losses).gather()
-    # rank 0 gets the even samples (12), rank 1 the odd ones (11) + one padding duplicate of sample 1
-    r0 = _accumulate(keys, y, p, range(0, 23, 2), losses=losses)
-    r1 = _accumulate(keys, y, p, range(1, 23, 2), pad_idx=[1], losses=losses)
-    assert len(r0) == len(r1) == 12  # equal steps per rank
-    two = r0.gather(gathered=[r0.payload(), r1.payload()], expected_keys=keys)
-    assert two.padding_dropped == 1 and two.ranks == 2
-    assert two.metrics == one.metrics
-    assert two.rows == one.rows
-    assert two.metrics["loss"] == pytest.approx(float(np.mean(losses)))
-    # rank order does not matter either
-    swapped = merge_payloads([r1.payload(), r0.payload()], LABELS, expected_keys=keys)
-    assert swapped.metrics == one.metrics and swapped.rows == one.rows
+    one = _accumulate(keys, y, p, range(23))
+    r0 = _accumulate(keys, y, p, range(0, 23, 2))
+    r1 = _accumulate(keys, y, p, range(1, 23, 2), pad_idx=[1])
+    assert np.array_equal(r0.cm + r1.cm, one.cm) and r0.count + r1.count == one.count == 23
+    from mmer_dist.data.seeds import add_digests, range_digest
+
+    assert add_digests(r0.digest, r1.digest) == one.digest == range_digest(23)
 
 
 def test_padding_is_really_dropped():
-    keys, y, p = _split_dataset(n=10)
-    # pad with a wrongly-predicted copy of a sample: counting it would change the metrics
-    acc = _accumulate(keys, y, p, range(10))
-    wrong = (y[3] + 1) % len(LABELS)
-    acc.add([keys[3]] * 5, [int(y[3])] * 5, _probs([wrong] * 5), is_padding=[True] * 5)
-    res = acc.gather()
-    assert res.metrics == compute_metrics(y, p, LABELS)
-    assert res.metrics["n"] == 10 and res.padding_dropped == 5
-
-
-def test_duplicate_key_is_an_error():
-    keys, y, p = _split_dataset(n=10)
-    r0 = _accumulate(keys, y, p, range(0, 6))
-    r1 = _accumulate(keys, y, p, range(5, 10))  # sample 5 on both ranks, not flagged as padding
-    with pytest.raises(EvalGatherError, match=r"counted more than once.*meld-test-00005"):
-        r0.gather(gathered=[r0.payload(), r1.payload()])
-
-
-def test_missing_key_is_an_error():
-    keys, y, p = _split_dataset(n=10)
-    r0 = _accumulate(keys, y, p, range(0, 5))
-    r1 = _accumulate(keys, y, p, range(6, 10), pad_idx=[6])  # sample 5 lost
-    with pytest.raises(EvalGatherError, match=r"1 keys missing \(first: \['meld-test-00005'\]\)"):
-        r0.gather(gathered=[r0.payload(), r1.payload()], expected_keys=keys)
-    with pytest.raises(EvalGatherError, match="1 unexpected"):
-        r0.gather(gathered=[r0.payload(), r1.payload()], expected_keys=keys[:5] + keys[6:9])
-
-
-def test_all_padding_is_an_error():
-    acc = EvalAccumulator(LABELS)
-    acc.add(["a"], [0], _probs([0]), is_padding=[True])
-    with pytest.raises(EvalGatherError, match="no eval rows"):
-        acc.gather()
-
-
-def test_preds_default_to_argmax_and_explicit_preds_win():
-    acc = EvalAccumulator(LABELS)
-    acc.add(["a", "b"], [1, 2], _probs([1, 0]))
-    assert acc.preds == [1, 0]
-    acc.add(["c"], [3], _probs([0]), preds=[3])
-    assert acc.preds[-1] == 3
-
-
-def test_add_validates_shapes():
-    acc = EvalAccumulator(LABELS)
-    with pytest.raises(ValueError, match=r"probs has shape \(2, 3\), expected \(2, 7\)"):
-        acc.add(["a", "b"], [0, 1], np.zeros((2, 3)))
-    with pytest.raises(ValueError, match="batch sizes disagree"):
-        acc.add(["a", "b"], [0], _probs([0, 1]))
-
-
-def test_accepts_torch_tensors_and_writes_predictions(tmp_path):
     torch = pytest.importorskip("torch")
-    acc = EvalAccumulator(LABELS)
-    logits = torch.tensor([[2.0, 0, 0, 0, 0, 0, 0], [0, 0, 3.0, 0, 0, 0, 0]], dtype=torch.bfloat16)
-    acc.add(["k2", "k1"], torch.tensor([0, 1]), logits.softmax(-1), is_padding=torch.tensor([False, False]))
-    res = acc.gather()
-    paths = res.write(tmp_path / "ev")
-    rows = [json.loads(x) for x in paths["predictions"].read_text().splitlines()]
-    assert [r["key"] for r in rows] == ["k1", "k2"]
-    assert rows[0]["label"] == "joy" and rows[0]["prediction"] == "surprise"
-    assert set(rows[0]["probabilities"]) == set(LABELS)
-    assert sum(rows[0]["probabilities"].values()) == pytest.approx(1.0, abs=1e-2)
-    assert json.loads(paths["metrics"].read_text())["accuracy"] == 0.5
+    keys, y, p = _split_dataset(n=10)
+    acc = _accumulate(keys, y, p, range(10))
+    wrong = (y[3] + 1) % len(LABELS)       # a wrongly-predicted copy of a sample: counting it would change the metrics
+    acc.add(_batch(torch, keys, y, [3] * 5, [True] * 5), torch.from_numpy(_probs([wrong] * 5)))
+    metrics = acc.reduce(10)
+    assert metrics["macro_f1"] == compute_metrics(y, p, LABELS)["macro_f1"] and metrics["n"] == 10
+
+
+def test_duplicate_or_missing_sample_is_an_error():
+    keys, y, p = _split_dataset(n=10)
+    dup = _accumulate(keys, y, p, [*range(10), 5][1:])          # sample 0 lost, sample 5 twice: same count
+    with pytest.raises(EvalCoverageError, match="not each exactly once"):
+        dup.reduce(10)
+    with pytest.raises(EvalCoverageError, match="evaluated 9 samples"):
+        _accumulate(keys, y, p, range(9)).reduce(10)
+
+
+def test_skipped_samples_count_as_covered():
+    torch = pytest.importorskip("torch")
+    keys, y, p = _split_dataset(n=6)
+    acc = _accumulate(keys, y, p, range(5))
+    acc.add({**_batch(torch, keys, y, [], []), "skipped": {"audio_corrupt": 1}, "skipped_index": [5]},
+            torch.zeros(0, len(LABELS)))
+    metrics = acc.reduce(6)
+    assert metrics["skipped"] == {"audio_corrupt": 1} and metrics["n"] == 5
+
+
+def test_rows_of_the_ranks_merge_in_split_order(tmp_path):
+    keys, y, p = _split_dataset(n=9)
+    r0 = _accumulate(keys, y, p, range(0, 9, 2), rows=tmp_path / "r0.jsonl")
+    r1 = _accumulate(keys, y, p, range(1, 9, 2), pad_idx=[1], rows=tmp_path / "r1.jsonl")
+    for acc in (r0, r1):
+        acc._rows.close()
+    merge_rows([tmp_path / "r0.jsonl", tmp_path / "r1.jsonl"], tmp_path / "predictions.jsonl")
+    rows = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(9)) and [r["key"] for r in rows] == keys
+    assert rows[0]["label"] == LABELS[y[0]] and rows[0]["prediction"] == LABELS[p[0]]
+    assert sum(rows[0]["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
+    assert not (tmp_path / "r0.jsonl").exists()

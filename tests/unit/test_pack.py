@@ -31,7 +31,7 @@ from mmer_dist.shards.inspect import summarize
 from mmer_dist.shards.pack import PackError, pack
 from mmer_dist.shards.plan import ShardJob, _planned_bytes, plan_shards
 from mmer_dist.shards.writer import TarSampleWriter, WriteSpec, write_shard
-from mmer_dist.shards.schema import ShardStats, load_index, stats_name
+from mmer_dist.shards.schema import Samples, ShardStats, load_index, split_members, stats_name
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[2]
@@ -62,10 +62,11 @@ def test_round_trip(meld_root: Path, tmp_path: Path) -> None:
     by_key = {u.key: u for u in utts}
     index = load_index(out)
     assert res.index is not None and not res.failed and not res.dropped
-    assert sum(len(si.keys) for si in index.splits.values()) == len(utts)
+    assert sum(si.num_samples for si in index.splits.values()) == len(utts)
+    assert index.group_unit == "dialogue" and index.speakers == sorted({u.speaker for u in utts})
 
     for split, si in index.splits.items():
-        assert sum(si.sizes) == len(si.keys) and max(si.sizes) <= 4
+        assert max(si.sizes) <= 4 and si.shard_bytes == [(out / s).stat().st_size for s in si.shards]
         assert si.class_counts == {k: n for k, n in Counter(u.label for u in utts if u.split == split).items()} | {
             k: 0 for k in index.labels if k not in {u.label for u in utts if u.split == split}}
         seen_keys, seen_labels = [], []
@@ -93,11 +94,19 @@ def test_round_trip(meld_root: Path, tmp_path: Path) -> None:
                     assert not c.streams.audio and c.streams.video[0].height <= 224
                 seen_keys.append(entry.key)
                 seen_labels.append(entry.label_id)
+                assert (entry.speaker, entry.group) == (u.speaker, u.meta["dialogue_id"])
             with tarfile.open(path) as tf:                   # plain tarfile agrees, fixed member metadata
                 members = tf.getmembers()
                 assert all(m.mtime == 0 and m.uname == "mmer" and m.uid == 0 for m in members)
                 assert [m.name for m in members] == [f"{e.key}.{x}" for e in stats.samples for x in sorted(e.members)]
-        assert seen_keys == si.keys and seen_labels == si.labels
+        cols = Samples(out, split, si.num_samples)          # the compact index agrees with the stats, in order
+        assert cols["label"].tolist() == seen_labels and len(seen_keys) == si.num_samples
+        assert [index.speakers[i] for i in cols["speaker"]] == [by_key[k].speaker for k in seen_keys]
+        assert cols["group"].tolist() == [by_key[k].meta["dialogue_id"] for k in seen_keys]
+        raws = {s: (out / s).read_bytes() for s in si.shards}
+        for i, key in enumerate(seen_keys):                  # each byte range holds exactly the sample's members
+            shard, off, size = si.shards[cols["shard"][i]], int(cols["offset"][i]), int(cols["size"][i])
+            assert split_members(raws[shard][off:off + size])[0] == key
 
 
 def test_tar_layout_is_webdataset_tarwriter(tmp_path: Path) -> None:
@@ -374,9 +383,12 @@ def test_inspect_never_opens_tars(meld_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "s"
     pack("meld", meld_root, out, shard_samples=4, progress=False)
     before = summarize(out)
+    assert before["damaged"] == []
     for tar in out.glob("*.tar"):
         tar.write_bytes(b"")
-    assert summarize(out) == before
+    after = summarize(out)               # the same summary; the sizes (one stat each) no longer match the index
+    assert {k: v for k, v in after.items() if k != "damaged"} == {k: v for k, v in before.items() if k != "damaged"}
+    assert len(after["damaged"]) == len(list(out.glob("*.tar"))) and "0 bytes, the index says" in after["damaged"][0]
 
 
 @pytest.mark.parametrize("spec", ["meld.yaml", "ravdess.yaml"])

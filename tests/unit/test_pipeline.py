@@ -45,11 +45,12 @@ def flac(seconds: float, sr: int = 16000, seed: int = 0) -> bytes:
 
 
 def write_shards(root: Path, splits: dict[str, list[dict]], per_shard: int, corpus: str = "tiny") -> Path:
-    """samples: {key, label_id, members{ext: bytes}, duration}; writes tars, stats, index.json."""
+    """samples: {key, label_id, members{ext: bytes}, duration}; writes tars, stats, then the index (the merge)."""
+    from mmer_dist.shards.merge import merge_stats, write_index
+
     root.mkdir(parents=True, exist_ok=True)
-    index = ShardIndex(corpus=corpus, profile="train", labels=LABELS, splits={})
+    plan = []
     for split, samples in splits.items():
-        si = SplitIndex(class_counts={n: 0 for n in LABELS})
         for s_i, lo in enumerate(range(0, len(samples), per_shard)):
             chunk = samples[lo : lo + per_shard]
             name = shard_name(corpus, split, s_i)
@@ -61,17 +62,13 @@ def write_shards(root: Path, splits: dict[str, list[dict]], per_shard: int, corp
             offs = member_offsets(root / name)
             counts = Counter(LABELS[s["label_id"]] for s in chunk)
             stats = ShardStats(shard=name, split=split, bytes=(root / name).stat().st_size,
-                               samples=[SampleEntry(s["key"], s["label_id"], offs[s["key"]], s["duration"]) for s in chunk],
+                               samples=[SampleEntry(s["key"], s["label_id"], offs[s["key"]], s["duration"], "spk", -1)
+                                        for s in chunk],
                                class_counts=dict(counts), modalities={}, duration=sum(s["duration"] for s in chunk))
             write_json_atomic(root / stats_name(name), stats.to_json())
-            si.shards.append(name)
-            si.sizes.append(len(chunk))
-            si.keys += [s["key"] for s in chunk]
-            si.labels += [s["label_id"] for s in chunk]
-            for k, n in counts.items():
-                si.class_counts[k] += n
-        index.splits[split] = si
-    write_json_atomic(root / INDEX_FILE, index.to_json())
+            plan.append((split, name))
+    merged = merge_stats(root, plan, LABELS)
+    write_index(root, merged.index(corpus, "train", "utterance", {}), merged.samples)
     return root
 
 
@@ -111,19 +108,16 @@ def keys_of(loader, start=None) -> list[list[str]]:
 
 def test_offsets_read_the_same_bytes_as_tarfile(shards):
     ds = ShardDataset(shards, "train", CFG, build_decoder(CFG, TOK, train=False))
-    seen = 0
-    for s, path in enumerate(ds.shards):
-        with tarfile.open(path) as tf:
-            by_key: dict[str, dict[str, bytes]] = {}
+    by_key: dict[str, dict[str, bytes]] = {}
+    for name in ds.shard_names:
+        with tarfile.open(shards / name) as tf:
             for m in tf.getmembers():
                 key, _, ext = m.name.partition(".")
                 by_key.setdefault(key, {})[ext] = tf.extractfile(m).read()
-        for key, members in by_key.items():
-            i = ds.starts[s] + [e.key for e in ds.entries[s]].index(key)
-            got = ds.members(int(i))
-            assert got.pop("__key__") == key and got == members
-            seen += 1
-    assert seen == len(ds) == 37
+    for i in range(len(ds)):                  # one read of the sample's byte range gives every member
+        key, got = ds.members(i)
+        assert got.pop("__key__") == key and got == by_key.pop(key)
+    assert not by_key and len(ds) == 37
     sample = ds[0]
     assert sample["key"] == "train_0000" and sample["audio"].shape[0] <= 4000
 
@@ -156,11 +150,11 @@ def test_train_loader_equal_batches_per_rank_and_union(shards, world, weighting)
     assert len(lens) == 1 and set(nb) == lens
     assert lens.pop() == (-(-37 // world)) // 4
     if weighting == "none":
-        # a distributed shuffle: ranks disjoint (up to the wrap-around fill), one pass over the split
-        drawn = [set(lo.sampler.local_indices().tolist()) for lo in loaders]
-        union = set().union(*drawn)
-        assert union == set(range(37))
-        assert sum(len(d) for d in drawn) - len(union) == world * -(-37 // world) - 37
+        # a distributed shuffle: ranks disjoint, one pass over the split (the tail past the last full
+        # global batch is not drawn: drop_last on every rank)
+        drawn = [lo.sampler.local_indices().tolist() for lo in loaders]
+        union = set().union(*map(set, drawn))
+        assert union <= set(range(37)) and sum(map(len, drawn)) == len(union) == world * 4 * len(loaders[0])
     assert all("train_0005" not in ks for ks in per_rank)          # the corrupt one never reaches a batch
 
 
@@ -206,8 +200,8 @@ def test_mid_epoch_resume_equals_uninterrupted(shards):
         full.set_epoch(4)
         assert keys_of(full) != ref_keys and len(keys_of(full, 0)) == len(ref_keys)
         other = build_train_loader(shards, cfg, SamplerConfig(weighting="sqrt_inverse"), TOK, rank=0, world_size=3)
-        with pytest.raises(ValueError, match="world size|num_replicas"):
-            other.load_state_dict(state)
+        other.load_state_dict(state)                              # another world size: the rest re-divided
+        assert other.batches_done == 0 and other.sampler.layout[0] == 2 * 4 * 2
 
 
 def test_bucketing_reduces_padding_same_samples(shards):
@@ -218,7 +212,8 @@ def test_bucketing_reduces_padding_same_samples(shards):
     kp = [b for b in keys_of(plain)]
     kb = [b for b in keys_of(bucketed)]
     assert len(kp) == len(kb) and sorted(sum(kp, [])) == sorted(sum(kb, []))
-    dur = {e.key: e.duration for es in plain.dataset.entries for e in es}
+    dur = {ds_key: float(d) for ds_key, d in zip([plain.dataset.members(i)[0] for i in range(len(plain.dataset))],
+                                                 plain.dataset.durations)}
     keys = sorted(dur)
     lengths = [dur[k] for k in keys]
     pos = {k: i for i, k in enumerate(keys)}

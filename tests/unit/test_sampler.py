@@ -323,8 +323,10 @@ def test_load_state_refuses_a_different_draw():
     s.advance(5)
     st_ = s.state_dict()
     DistributedWeightedSampler(w, num_replicas=2, rank=1, seed=1).load_state_dict(st_)   # rank-independent
+    elastic = DistributedWeightedSampler(w, num_replicas=4, rank=0, seed=1)   # another world size: the rest
+    elastic.load_state_dict(st_)                                              # of the epoch, re-divided
+    assert elastic.layout == (10, 100) and elastic.position == 0
     cases = [
-        (dict(weights=w, num_replicas=4, rank=0, seed=1), "num_replicas=2.*world size"),
         (dict(weights=w, num_replicas=2, rank=0, seed=1, num_samples=10), "num_samples"),
         (dict(weights=w, num_replicas=2, rank=0, seed=2), "seed"),
         (dict(weights=w, num_replicas=2, rank=0, seed=1, replacement=False), "replacement"),
