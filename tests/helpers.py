@@ -1,17 +1,21 @@
 """Helpers the tests (and benchmarks/models.py) share, kept out of the library: random batches, the
 distributed eval sampler over `eval_indices`, the class mix a weighted draw should follow, padding
-fractions, one-track media checks.
+fractions, one-track media checks, a word tokenizer, tiny shard folders written with the packer's writer.
 
     from helpers import example_batch          # tests/ is on sys.path (conftest.py lives there)
 """
 
 from __future__ import annotations
 
+import io
+import json
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import soundfile as sf
 import torch
 from torch import Tensor
 from torch.utils.data import Sampler
@@ -19,8 +23,12 @@ from torch.utils.data import Sampler
 from mmer_dist.data.sampler import eval_indices
 from mmer_dist.models.encoders import lengths_to_mask
 from mmer_dist.shards.media import MediaError, verify_tracks
+from mmer_dist.shards.merge import merge_stats, write_index
+from mmer_dist.shards.schema import SampleEntry, ShardStats, shard_name, stats_name, write_json_atomic
+from mmer_dist.shards.writer import TarSampleWriter, member_offsets
 
 MODALITIES = ("text", "audio", "video")
+LABELS = ["neutral", "joy", "anger"]        # the tiny shards' label set
 
 
 def example_batch(batch_size: int = 4, modalities: tuple[str, ...] = MODALITIES, *, text_len: int = 16,
@@ -96,3 +104,67 @@ def verify_media(path: str | Path, kind: str) -> float:
     if isinstance(got, MediaError):
         raise got
     return got
+
+
+class WordTokenizer:
+    """A real (if tiny) tokenizer with the HF call convention: one id per word, [CLS]=1 ... [SEP]=2."""
+
+    pad_token_id = 0
+
+    def __call__(self, text: str, truncation: bool = True, max_length: int = 512) -> dict:
+        ids = [1] + [3 + (sum(map(ord, w)) % 1000) for w in text.split()] + [2]
+        if truncation and len(ids) > max_length:
+            ids = ids[: max_length - 1] + [2]
+        return {"input_ids": ids}
+
+
+def flac(seconds: float, sr: int = 16000, seed: int = 0) -> bytes:
+    x = (np.random.default_rng(seed).standard_normal(int(sr * seconds)) * 0.1).astype(np.float32)
+    buf = io.BytesIO()
+    sf.write(buf, x, sr, format="FLAC")
+    return buf.getvalue()
+
+
+def write_shards(root: Path, splits: dict[str, list[dict]], per_shard: int, corpus: str = "tiny") -> Path:
+    """samples: {key, label_id, members{ext: bytes}, duration}; writes tars, stats, then the index (the merge)."""
+    root.mkdir(parents=True, exist_ok=True)
+    plan = []
+    for split, samples in splits.items():
+        for s_i, lo in enumerate(range(0, len(samples), per_shard)):
+            chunk = samples[lo : lo + per_shard]
+            name = shard_name(corpus, split, s_i)
+            with open(root / name, "wb") as f:
+                w = TarSampleWriter(f)
+                for s in chunk:
+                    w.write(s["key"], s["members"])
+                w.close()
+            offs = member_offsets(root / name)
+            counts = Counter(LABELS[s["label_id"]] for s in chunk)
+            stats = ShardStats(shard=name, split=split, bytes=(root / name).stat().st_size,
+                               samples=[SampleEntry(s["key"], s["label_id"], offs[s["key"]], s["duration"], "spk", -1)
+                                        for s in chunk],
+                               class_counts=dict(counts), duration=sum(s["duration"] for s in chunk),
+                               modalities=dict(Counter(m for s in chunk for m, ext in (("text", "txt"), ("audio", "flac"))
+                                                       if ext in s["members"])))
+            write_json_atomic(root / stats_name(name), stats.to_json())
+            plan.append((split, name))
+    merged = merge_stats(root, plan, LABELS)
+    write_index(root, merged.index(corpus, "train", "utterance", {}), merged.samples)
+    return root
+
+
+def make_samples(split: str, n: int, seed: int = 0, corrupt: tuple[int, ...] = (), no_audio: tuple[int, ...] = ()) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        label = int(i % 7 == 0) + int(i % 5 == 0)          # imbalanced: mostly neutral
+        dur = float(rng.choice([0.1, 0.2, 0.3, 0.5]))
+        key = f"{split}_{i:04d}"
+        members = {"json": json.dumps({"label": LABELS[label], "label_id": label}).encode(),
+                   "txt": f"utterance {i} says {LABELS[label]}".encode()}
+        if i in corrupt:
+            members["flac"] = b"fLaC" + bytes(40)
+        elif i not in no_audio:
+            members["flac"] = flac(dur, seed=i)
+        out.append({"key": key, "label_id": label, "members": members, "duration": dur if i not in no_audio else 0.0})
+    return out

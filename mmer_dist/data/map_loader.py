@@ -168,8 +168,14 @@ class MapTrainLoader(SampleCounts):
             if state[key] != mine:
                 raise ValueError(f"cannot resume mid-epoch: saved {key}={state[key]} but this run has {mine}; "
                                  f"resume with the original data.batch_size / data.bucket_by_length")
+        saved_world = state["sampler"]["num_replicas"]
+        same_world = saved_world == self.sampler.num_replicas
+        if not same_world and self.batch_sampler.window_batches and state["batches_done"]:
+            raise ValueError(f"cannot resume mid-epoch on {self.sampler.num_replicas} ranks: the epoch was cut into "
+                             f"length buckets per rank on {saved_world} ranks (data.bucket_by_length), so the samples "
+                             f"left are not a range of the draw that can be re-divided. Resume with {saved_world} "
+                             f"processes (elastic resume works with data.bucket_by_length=false)")
         self.sampler.load_state_dict(state["sampler"])     # checks seed and weights; re-divides on a new world size
-        same_world = state["sampler"]["num_replicas"] == self.sampler.num_replicas
         self._batches_done = int(state["batches_done"]) if same_world else 0
 
 

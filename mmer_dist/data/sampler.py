@@ -263,15 +263,19 @@ class DistributedWeightedSampler(Sampler[int]):
         cdf = np.cumsum(w)
         total_w = cdf[-1]
         last_positive = w.size - 1 - int(np.argmax(w[::-1] > 0))
-        # Gather the uniforms of `positions` block by block, never the whole stream.
+        # Gather the uniforms of `positions` block by block, never the whole stream. A block is generated up to
+        # the last position it needs: torch.rand(n) of a seeded CPU generator is the first n of torch.rand(m > n)
+        # (checked on torch 2.11, and by tests/unit/test_sampler.py), so the value at a position does not depend
+        # on how far the draw goes, e.g. on the number of ranks of an elastic resume.
         u = np.empty(positions.size, dtype=np.float64)
-        bounds = np.searchsorted(positions, np.arange(0, self.total_size + _BLOCK, _BLOCK))
-        for block in range(math.ceil(self.total_size / _BLOCK)):
+        end = int(positions[-1]) + 1 if positions.size else 0
+        bounds = np.searchsorted(positions, np.arange(0, end + _BLOCK, _BLOCK))
+        for block in range(math.ceil(end / _BLOCK)):
             lo, hi = int(bounds[block]), int(bounds[block + 1])
             if lo == hi:
                 continue
             first = block * _BLOCK
-            length = min(_BLOCK, self.total_size - first)
+            length = int(positions[hi - 1]) - first + 1
             u[lo:hi] = _uniform_block(self.seed, self.epoch, _STREAM_WITH, block, length)[positions[lo:hi] - first]
         order = np.argsort(u, kind="stable")
         targets = u[order]

@@ -6,9 +6,9 @@
 
 * The split's compact index (mmer_dist.shards.schema.Samples) gives shard, byte range, label,
   speaker, group and duration of every sample, memory-mapped: nothing per sample is built in Python.
-* Files are opened through `ShardFiles`, a per-process cache of at most `capacity` descriptors (least
-  recently used closed first), so 10k shards never meet the 1,024-file limit; the soft limit is
-  raised to the hard one once per process.
+* Files are opened through `ShardFiles`, a per-process cache of at most `capacity` descriptors and a
+  quarter of the file limit (least recently used closed first), so 10k shards never meet the common
+  1,024-file limit; the soft limit is raised to the hard one once per process.
 * A read that fails or comes back short on a shard the index calls complete is not a skip: it becomes
   a fatal `Skipped` marker that the rank loader turns into a `DataError` naming the shard, the byte
   range and the fix (verify, re-pack). A sample that reads but fails to decode is a counted skip.
@@ -61,12 +61,13 @@ class ShardFiles:
     def _fd(self, shard: int) -> int:
         if self._pid != os.getpid():           # a fresh worker process: the parent's descriptors are not ours
             self._fds, self._pid = OrderedDict(), os.getpid()
-            raise_file_limit()
+            # a quarter of the file limit at most: the process has other files, and other datasets
+            self._limit = max(1, min(self.capacity, raise_file_limit() // 4))
         fd = self._fds.get(shard)
         if fd is not None:
             self._fds.move_to_end(shard)
             return fd
-        while len(self._fds) >= self.capacity:
+        while len(self._fds) >= self._limit:
             os.close(self._fds.popitem(last=False)[1])
         fd = self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
         return fd

@@ -65,9 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, KeyError) as e:
         print(f"mmer-dist train: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
+    from mmer_dist.data.loader import DataError
     from mmer_dist.train.loop import train
 
-    result = train(cfg, run_dir, index)
+    try:
+        result = train(cfg, run_dir, index)
+    except DataError as e:                 # damaged shards, too many undecodable samples: named, no traceback
+        print(f"mmer-dist train: {e}", file=sys.stderr)
+        return 1
     return 0 if result else 1
 
 

@@ -10,6 +10,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from helpers import WordTokenizer
 from mmer_dist.config import DataConfig
 from mmer_dist.corpora.synthetic_media import write_mp4
 from mmer_dist.predict import decode_files
@@ -17,18 +18,6 @@ from mmer_dist.data.decode import (IMAGENET_MEAN, IMAGENET_STD, Decoder, DecodeE
                                    decode_sample, decode_text, decode_video)
 
 CFG = DataConfig(sample_rate=16000, max_audio_seconds=1.0, video_frames=4, video_size=32, max_text_tokens=8)
-
-
-class WordTokenizer:
-    """A real (if tiny) tokenizer with the HF call convention: one id per word, [CLS]=1 ... [SEP]=2."""
-
-    pad_token_id = 0
-
-    def __call__(self, text: str, truncation: bool = True, max_length: int = 512) -> dict:
-        ids = [1] + [3 + (sum(map(ord, w)) % 1000) for w in text.split()] + [2]
-        if truncation and len(ids) > max_length:
-            ids = ids[: max_length - 1] + [2]
-        return {"input_ids": ids}
 
 
 def tone(sr: int, seconds: float, freq: float = 440.0, channels: int = 1) -> np.ndarray:

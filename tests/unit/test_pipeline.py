@@ -7,86 +7,18 @@ Ranks are simulated in one process by passing rank/world_size explicitly.
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
-from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
-import soundfile as sf
 import torch
 
 from mmer_dist.config import DataConfig, SamplerConfig, replace
 from mmer_dist.data.build import build_decoder, build_eval_loader, build_train_loader
 from mmer_dist.data.map_loader import ShardDataset
 from mmer_dist.data.stream_loader import StreamPlan
-from mmer_dist.shards.writer import TarSampleWriter, member_offsets
-from mmer_dist.shards.schema import (INDEX_FILE, SampleEntry, ShardIndex, ShardStats, SplitIndex, shard_name,
-                                     stats_name, write_json_atomic)
-
-LABELS = ["neutral", "joy", "anger"]
-
-
-class WordTokenizer:
-    pad_token_id = 0
-
-    def __call__(self, text: str, truncation: bool = True, max_length: int = 512) -> dict:
-        ids = [1] + [3 + (sum(map(ord, w)) % 1000) for w in text.split()][: max_length - 2] + [2]
-        return {"input_ids": ids}
-
-
-def flac(seconds: float, sr: int = 16000, seed: int = 0) -> bytes:
-    x = (np.random.default_rng(seed).standard_normal(int(sr * seconds)) * 0.1).astype(np.float32)
-    buf = io.BytesIO()
-    sf.write(buf, x, sr, format="FLAC")
-    return buf.getvalue()
-
-
-def write_shards(root: Path, splits: dict[str, list[dict]], per_shard: int, corpus: str = "tiny") -> Path:
-    """samples: {key, label_id, members{ext: bytes}, duration}; writes tars, stats, then the index (the merge)."""
-    from mmer_dist.shards.merge import merge_stats, write_index
-
-    root.mkdir(parents=True, exist_ok=True)
-    plan = []
-    for split, samples in splits.items():
-        for s_i, lo in enumerate(range(0, len(samples), per_shard)):
-            chunk = samples[lo : lo + per_shard]
-            name = shard_name(corpus, split, s_i)
-            with open(root / name, "wb") as f:
-                w = TarSampleWriter(f)
-                for s in chunk:
-                    w.write(s["key"], s["members"])
-                w.close()
-            offs = member_offsets(root / name)
-            counts = Counter(LABELS[s["label_id"]] for s in chunk)
-            stats = ShardStats(shard=name, split=split, bytes=(root / name).stat().st_size,
-                               samples=[SampleEntry(s["key"], s["label_id"], offs[s["key"]], s["duration"], "spk", -1)
-                                        for s in chunk],
-                               class_counts=dict(counts), modalities={}, duration=sum(s["duration"] for s in chunk))
-            write_json_atomic(root / stats_name(name), stats.to_json())
-            plan.append((split, name))
-    merged = merge_stats(root, plan, LABELS)
-    write_index(root, merged.index(corpus, "train", "utterance", {}), merged.samples)
-    return root
-
-
-def make_samples(split: str, n: int, seed: int = 0, corrupt: tuple[int, ...] = (), no_audio: tuple[int, ...] = ()) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        label = int(i % 7 == 0) + int(i % 5 == 0)          # imbalanced: mostly neutral
-        dur = float(rng.choice([0.1, 0.2, 0.3, 0.5]))
-        key = f"{split}_{i:04d}"
-        members = {"json": json.dumps({"label": LABELS[label], "label_id": label}).encode(),
-                   "txt": f"utterance {i} says {LABELS[label]}".encode()}
-        if i in corrupt:
-            members["flac"] = b"fLaC" + bytes(40)
-        elif i not in no_audio:
-            members["flac"] = flac(dur, seed=i)
-        out.append({"key": key, "label_id": label, "members": members, "duration": dur if i not in no_audio else 0.0})
-    return out
+from helpers import WordTokenizer, make_samples, write_shards
 
 
 CFG = DataConfig(modalities=("text", "audio"), batch_size=4, eval_batch_size=5, num_workers=0,

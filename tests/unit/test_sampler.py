@@ -385,3 +385,10 @@ def test_class_balanced_stream_in_webdataset_pipeline():
     out = [s["label_id"] for s in pipe]
     assert len(out) > 100
     assert np.bincount(out, minlength=7).min() > 0
+
+
+def test_uniform_blocks_are_prefix_stable():
+    """The draw relies on it: torch.rand(n) of a seeded generator is the first n of a longer draw."""
+    long = torch.rand(1 << 20, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    for n in (1, 67, 4096, 100_003):
+        assert torch.equal(torch.rand(n, generator=torch.Generator().manual_seed(7), dtype=torch.float64), long[:n])
