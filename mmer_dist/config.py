@@ -104,6 +104,16 @@ class DataConfig:
     for context, the oldest context tokens cut first to fit max_text_tokens. 0 = the utterance alone."""
     bucket_by_length: bool = False
     """Group samples of similar audio length into a batch to limit padding."""
+    folds: int = 0
+    """0: the packed splits (data.train_split / eval_split name them). K >= 2: speaker-independent folds chosen
+    now: the packed split data.fold_source is cut by speaker into K groups (mmer_dist.folds); the splits are
+    then "train", "dev" and "test" (`mmer-dist pack ravdess --split none` packs every actor into "all")."""
+    fold: int = 0
+    """With data.folds=K: the fold held out as "test" (0..K-1)."""
+    dev_speakers: int = 2
+    """With data.folds=K: speakers carved from the training speakers (those just before the test fold) as "dev"."""
+    fold_source: str = "all"
+    """With data.folds=K: the packed split the folds are cut from."""
     max_skip_fraction: float = 0.01
     """Training fails (naming the last sample skipped, its shard and why) when more than this fraction of the
     samples read failed to decode (summed over ranks and the run's processes). I/O errors on a shard the
@@ -123,6 +133,12 @@ class DataConfig:
         _check(self.video_frames >= 1 and self.video_size >= 8, "data.video_frames must be >= 1 and data.video_size >= 8")
         _check(self.max_text_tokens >= 4, "data.max_text_tokens must be >= 4")
         _check(self.text_context >= 0, "data.text_context must be >= 0 (0 = the utterance alone)")
+        _check(self.folds == 0 or self.folds >= 2, f"data.folds={self.folds}: 0 (the packed splits) or >= 2")
+        _check(self.folds == 0 or 0 <= self.fold < self.folds,
+               f"data.fold={self.fold} must be in 0..{self.folds - 1} (data.folds={self.folds})")
+        _check(self.dev_speakers >= 0, f"data.dev_speakers={self.dev_speakers} must be >= 0")
+        _check(not self.folds or self.eval_split != "dev" or self.dev_speakers >= 1,
+               "data.eval_split=dev with data.folds needs data.dev_speakers >= 1 (the dev speakers)")
         _check(0.0 <= self.max_skip_fraction <= 1.0, f"data.max_skip_fraction={self.max_skip_fraction} must be in "
                                                      f"[0, 1] (0 = no decode failure tolerated)")
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmer_dist.corpora.labels import RAVDESS_LABELS
+from mmer_dist.folds import FoldError, speaker_folds
 from mmer_dist.corpora.record import ReadReport, Utterance
 
 MODALITIES: dict[str, str] = {"01": "audio-video", "02": "video-only", "03": "audio-only"}
@@ -144,17 +145,6 @@ def _actor_ints(actors: Iterable[int | str] | str | None, what: str) -> list[int
     return out
 
 
-def _fold_groups(actors: list[int], k: int) -> list[list[int]]:
-    """Split sorted actors into k contiguous, near-equal groups (earlier groups take the remainder)."""
-    size, extra = divmod(len(actors), k)
-    groups, start = [], 0
-    for i in range(k):
-        end = start + size + (1 if i < extra else 0)
-        groups.append(actors[start:end])
-        start = end
-    return groups
-
-
 def split_actors(
     actors: Iterable[int],
     *,
@@ -214,13 +204,12 @@ def split_actors(
             kk = int(m.group(2)) if m.group(2) else KFOLD_DEFAULT_K
             if not 0 <= k < kk:
                 raise ValueError(f"fold {name!r}: fold index {k} must be in 0..{kk - 1}")
-            groups = _fold_groups(present, kk)
-            tests = groups[k]
-            if not tests or n - len(tests) < DEFAULT_DEV_ACTORS + 1:
+            try:          # the same rule as training-time folds (data.folds), mmer_dist.folds
+                chosen = speaker_folds(present, kk, k, DEFAULT_DEV_ACTORS)
+            except FoldError:
                 raise ValueError(f"fold {name!r} needs more actors: {n} present ({present}) for {kk} folds "
-                                 f"plus {DEFAULT_DEV_ACTORS} dev actors and a training actor")
-            start = present.index(tests[0])
-            devs = [present[(start - i) % n] for i in range(DEFAULT_DEV_ACTORS, 0, -1)]
+                                 f"plus {DEFAULT_DEV_ACTORS} dev actors and a training actor") from None
+            tests, devs = chosen["test"], chosen["dev"]
     split = {a: "train" for a in present}
     split.update({a: "dev" for a in devs})
     split.update({a: "test" for a in tests})
@@ -245,6 +234,7 @@ def read_ravdess(
     fold: str | None = None,
     vocal_channels: Iterable[str] = ("speech",),
     strict: bool = True,
+    split: str = "actors",
 ) -> tuple[list[Utterance], ReadReport]:
     """Read a RAVDESS root (`Actor_XX/` folders), pair modalities, split by actor.
 
@@ -255,6 +245,8 @@ def read_ravdess(
         vocal_channels: "speech" and/or "song"; recordings of other channels are counted in the
             report as "song_excluded" (or "speech_excluded").
         strict: malformed names raise (True, default) or are counted as "malformed_name" (False).
+        split: "actors" (default: train/dev/test by actor, as above) or "none": every recording in one
+            split "all" with its actor kept, for folds chosen at training time (`data.folds`).
 
     Returns:
         (utterances sorted by actor then codes, report).
@@ -303,7 +295,14 @@ def read_ravdess(
     if not kept:
         raise ValueError(f"{root}: no {'/'.join(channels)} recordings found under its Actor_XX folders")
 
-    assignment = split_actors((int(n.actor) for n in kept), test_actors=test_actors, dev_actors=dev_actors, fold=fold)
+    if split not in ("actors", "none"):
+        raise ValueError(f"split={split!r}; expected 'actors' (train/dev/test by actor) or 'none' (one split 'all')")
+    if split == "none" and (test_actors or dev_actors or fold):
+        raise ValueError("--split none keeps every actor in one split 'all' (choose folds when training: "
+                         "data.folds=K data.fold=k); it takes no --test-actors/--dev-actors/--fold")
+    actors = sorted({int(n.actor) for n in kept})
+    assignment = ({a: "all" for a in actors} if split == "none" else
+                  split_actors(actors, test_actors=test_actors, dev_actors=dev_actors, fold=fold))
     utterances: list[Utterance] = []
     for name in kept:
         files = recordings[name.recording]

@@ -17,8 +17,9 @@ from typing import Any
 from mmer_dist.config import DataConfig, SamplerConfig
 from mmer_dist.data.collate import Collator
 from mmer_dist.data.decode import Decoder
-from mmer_dist.data.map_loader import (MapEvalLoader, MapTrainLoader, ShardDataset, build_map_eval_loader,
-                                       build_map_train_loader)
+from mmer_dist.data.folds import fold_rows
+from mmer_dist.data.map_loader import MapEvalLoader, MapTrainLoader, build_map_eval_loader, build_map_train_loader
+from mmer_dist.data.shard_reader import ShardDataset
 from mmer_dist.data.stream_loader import StreamLoader
 from mmer_dist.shards.schema import ShardIndex, load_index, split_index
 
@@ -50,7 +51,8 @@ def build_train_loader(shards_dir: str | Path, cfg_data: DataConfig, cfg_sampler
             list(index.labels), cfg_data, cfg_sampler, decoder, collate, rank, world_size, seed,
             where=f"{root} split {split}")
     else:
-        dataset = ShardDataset(shards_dir, split, cfg_data, decoder, index=index)
+        packed, rows = fold_rows(index, shards_dir, cfg_data, split)
+        dataset = ShardDataset(shards_dir, packed, cfg_data, decoder, index=index, rows=rows)
         loader = build_map_train_loader(dataset, cfg_data, cfg_sampler, rank, world_size, seed, collate)
     loader.set_epoch(epoch)
     return loader
@@ -61,5 +63,8 @@ def build_eval_loader(shards_dir: str | Path, cfg_data: DataConfig, tokenizer: A
     """Per-rank eval loader of `split` (default `cfg_data.eval_split`): centre crops, no shuffle, each sample
     exactly once over all ranks, padding repeats flagged in `batch["pad"]`."""
     split = split or cfg_data.eval_split
-    dataset = ShardDataset(shards_dir, split, cfg_data, build_decoder(cfg_data, tokenizer, train=False), index=index)
+    index = load_index(shards_dir) if index is None else index
+    packed, rows = fold_rows(index, shards_dir, cfg_data, split)
+    dataset = ShardDataset(shards_dir, packed, cfg_data, build_decoder(cfg_data, tokenizer, train=False),
+                           index=index, rows=rows)
     return build_map_eval_loader(dataset, cfg_data, rank, world_size, Collator.for_tokenizer(cfg_data, tokenizer))

@@ -22,9 +22,11 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mmer_dist.config import DataConfig
 from mmer_dist.data.decode import Decoder, DecodeError, Skipped
-from mmer_dist.shards.schema import Samples, ShardIndex, load_index, split_index, split_members
+from mmer_dist.shards.schema import SampleRows, Samples, ShardIndex, load_index, split_index, split_members
 
 DEFAULT_OPEN_FILES = 64
 """Descriptors a process keeps open per dataset (train and eval each have their own cache)."""
@@ -96,15 +98,19 @@ class ShardDataset:
     """
 
     def __init__(self, shards_dir: str | Path, split: str, cfg_data: DataConfig, decoder: Decoder,
-                 index: ShardIndex | None = None, open_files: int = DEFAULT_OPEN_FILES) -> None:
+                 index: ShardIndex | None = None, open_files: int = DEFAULT_OPEN_FILES,
+                 rows: np.ndarray | None = None) -> None:
+        """`rows`: positions in `split` of the samples to serve (a training-time fold), default all of them."""
         self.root = Path(shards_dir)
         index = load_index(self.root) if index is None else index
         sidx = split_index(index, split, self.root)
         self.split, self.label_names = split, list(index.labels)
         self.speakers, self.group_unit = list(index.speakers), index.group_unit
         self.shard_names = list(sidx.shards)
-        self.samples = Samples(self.root, split, sidx.num_samples)
-        self.class_counts = [int(sidx.class_counts.get(n, 0)) for n in self.label_names]
+        samples = Samples(self.root, split, sidx.num_samples)
+        self.samples: Samples | SampleRows = samples if rows is None else SampleRows(samples, rows)
+        self.class_counts = ([int(sidx.class_counts.get(n, 0)) for n in self.label_names] if rows is None else
+                             np.bincount(self.labels, minlength=len(self.label_names)).tolist())
         self.files = ShardFiles([self.root / s for s in self.shard_names], open_files)
         self.cfg, self.decoder = cfg_data, decoder
 

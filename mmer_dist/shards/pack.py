@@ -375,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-actors", default="", help="RAVDESS: comma list of test actors (default: last 4 present)")
     p.add_argument("--dev-actors", default="", help="RAVDESS: comma list of dev actors (default: the 2 before)")
     p.add_argument("--fold", default="", help="RAVDESS: a named actor fold instead of explicit lists")
+    p.add_argument("--split", choices=["actors", "none"], default="actors",
+                   help="RAVDESS: actors = train/dev/test by actor at pack time (default); none = every actor in "
+                        "one split 'all', actor ids kept, folds chosen when training (data.folds=K data.fold=k)")
     p.add_argument("--video-size", type=int, default=224, help="train profile: short side of the video, pixels")
     p.add_argument("--video-fps", type=float, default=8.0, help="train profile: video frame rate")
     p.add_argument("--missing-media", choices=["keep", "skip"], default="keep",
@@ -396,9 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     reader_options: dict[str, Any] = {}
     if args.corpus == "ravdess":
         reader_options = {"test_actors": _csv(args.test_actors) or None,
-                          "dev_actors": _csv(args.dev_actors) or None, "fold": args.fold or None}
-    elif args.test_actors or args.dev_actors or args.fold:
-        print("error: --test-actors/--dev-actors/--fold apply to RAVDESS only", file=sys.stderr)
+                          "dev_actors": _csv(args.dev_actors) or None, "fold": args.fold or None,
+                          "split": None if args.split == "actors" else args.split}
+    elif args.test_actors or args.dev_actors or args.fold or args.split != "actors":
+        print("error: --test-actors/--dev-actors/--fold/--split apply to RAVDESS only", file=sys.stderr)
         return 2
     try:
         res = pack(args.corpus, args.root, args.out, profile=args.profile, workers=args.workers,

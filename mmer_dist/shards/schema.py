@@ -272,6 +272,25 @@ class Samples:
         return {**self.__dict__, "_columns": {}}
 
 
+class SampleRows:
+    """The rows `rows` (positions) of a split's compact index, as one (e.g. a training-time fold); same access."""
+
+    def __init__(self, samples: Samples, rows: np.ndarray) -> None:
+        self.base, self.rows = samples, np.asarray(rows, dtype=np.int64)
+        self._columns: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return int(self.rows.size)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._columns:
+            self._columns[name] = np.asarray(self.base[name][self.rows])
+        return self._columns[name]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_columns": {}}
+
+
 def split_index(index: ShardIndex, split: str, shards_dir: str | Path = "") -> SplitIndex:
     """One split of an index, with an error that lists the splits present."""
     if split not in index.splits:

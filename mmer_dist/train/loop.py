@@ -102,7 +102,7 @@ class Run:
         from mmer_dist.models import build_loss, build_model, build_tokenizer
         from mmer_dist.train.optim import add_unfrozen_params, apply_freeze_schedule, build_optimizer, build_scheduler
 
-        self.cfg, self.run_dir, self.accelerator, self.state = cfg, run_dir, accelerator, state
+        self.cfg, self.run_dir, self.accelerator, self.state, self.index = cfg, run_dir, accelerator, state, index
         self.main, self.world = accelerator.is_main_process, accelerator.num_processes
         device, rank = accelerator.device, accelerator.process_index
         torch.manual_seed(cfg.train.seed)          # same initial weights on every rank
@@ -323,6 +323,11 @@ class Run:
         metrics = evaluate(best_model, self.eval_loader, accelerator.device, self.loss_fn,
                            predictions=self.run_dir).metrics
         self.accounting.store(state)
+        if self.main:
+            from mmer_dist.data.folds import protocol
+
+            metrics["protocol"] = protocol(self.index, cfg.data.shards, cfg.data,
+                                           ["train", "dev", "test"] if cfg.data.folds else sorted(self.index.splits))
         metrics.update({"split": cfg.data.eval_split, "selected_on": cfg.data.eval_split, "best_step": state.best_step,
                         "steps": state.step, "samples_seen": state.samples_seen, "shards": str(cfg.data.shards),
                         "train_data": {"read": state.samples_read, "skipped": state.skipped,

@@ -29,9 +29,9 @@ def preflight(cfg: Config, run_dir: Path, index: ShardIndex) -> None:
     """Fail before any process group starts, with a message that names the fix."""
     from mmer_dist.models.cached import check_embeddings
 
-    train = split_index(index, cfg.data.train_split, cfg.data.shards)
-    split_index(index, cfg.data.eval_split, cfg.data.shards)   # a missing eval split fails before any process
-    damaged = size_mismatches(cfg.data.shards, index, [cfg.data.train_split, cfg.data.eval_split])
+    packed = _check_splits(cfg, index)
+    train = split_index(index, packed[0], cfg.data.shards)
+    damaged = size_mismatches(cfg.data.shards, index, sorted(set(packed)))
     if damaged:
         raise ConfigError(f"{len(damaged)} shard(s) differ from the index: " + "; ".join(damaged[:5])
                           + f". They changed after packing (truncated, replaced or deleted). `mmer-dist verify "
@@ -42,7 +42,7 @@ def preflight(cfg: Config, run_dir: Path, index: ShardIndex) -> None:
     if not any(present.get(m, 0) for m in cfg.data.modalities):
         raise ConfigError(f"data.modalities={list(cfg.data.modalities)} but the shards in {cfg.data.shards} hold "
                           f"{ {k: v for k, v in present.items() if v} }; choose modalities the shards have")
-    _check_epoch(cfg, train)
+    _check_epoch(cfg, train, _train_samples(cfg, index, train))
     _check_deepspeed(cfg)
     from mmer_dist.train.checkpoint import complete_checkpoints
 
@@ -51,7 +51,35 @@ def preflight(cfg: Config, run_dir: Path, index: ShardIndex) -> None:
                           f"or choose a new --out")
 
 
-def _check_epoch(cfg: Config, train: SplitIndex) -> None:
+def _check_splits(cfg: Config, index: ShardIndex) -> tuple[str, str]:
+    """The packed splits the train and eval splits are read from (a missing split or a bad fold fails here)."""
+    from mmer_dist.data.folds import fold_rows, protocol
+    from mmer_dist.folds import FoldError
+
+    if cfg.data.folds and cfg.data.loader == "stream":
+        raise ConfigError("data.folds needs data.loader=map: a fold reads the samples of some speakers, a stream "
+                          "reads whole shards")
+    try:
+        packed = (fold_rows(index, cfg.data.shards, cfg.data, cfg.data.train_split)[0],
+                  fold_rows(index, cfg.data.shards, cfg.data, cfg.data.eval_split)[0])
+        split_index(index, packed[0], cfg.data.shards)
+        split_index(index, packed[1], cfg.data.shards)     # a missing eval split fails before any process
+        if cfg.data.folds:
+            protocol(index, cfg.data.shards, cfg.data, ["train", "dev", "test"])   # refuses a speaker in two splits
+    except FoldError as e:
+        raise ConfigError(str(e)) from None
+    return packed
+
+
+def _train_samples(cfg: Config, index: ShardIndex, train: SplitIndex) -> int:
+    if not cfg.data.folds:
+        return train.num_samples
+    from mmer_dist.data.folds import fold_rows
+
+    return int(fold_rows(index, cfg.data.shards, cfg.data, cfg.data.train_split)[1].size)
+
+
+def _check_epoch(cfg: Config, train: SplitIndex, num_samples: int) -> None:
     """Enough batches per rank for the loader, the accumulation and the warmup."""
     from mmer_dist.dist import world_info
 
@@ -65,10 +93,10 @@ def _check_epoch(cfg: Config, train: SplitIndex) -> None:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         return
-    batches = (cfg.data.steps_per_epoch or math.ceil(train.num_samples / world) // cfg.data.batch_size)
+    batches = (cfg.data.steps_per_epoch or math.ceil(num_samples / world) // cfg.data.batch_size)
     if batches < cfg.train.grad_accum:
         raise ConfigError(
-            f"split {cfg.data.train_split!r} has {train.num_samples} samples: with {world} process(es) x "
+            f"split {cfg.data.train_split!r} has {num_samples} samples: with {world} process(es) x "
             f"data.batch_size={cfg.data.batch_size} that is {batches} batch(es) per rank per epoch, fewer than "
             f"train.grad_accum={cfg.train.grad_accum}; lower data.batch_size or train.grad_accum")
     total = cfg.train.max_steps or cfg.train.epochs * (batches // cfg.train.grad_accum)

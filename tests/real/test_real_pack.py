@@ -55,7 +55,17 @@ def test_real_meld_csvs_pack_text_only(tmp_path: Path, capsys: pytest.CaptureFix
         assert sp["modalities"] == {"text": rows}                 # no clips here: text only
     index = load_index(out)
     assert [len(index.splits[s].shards) for s in ("train", "dev")] == [4, 1]
-    assert len(set(index.splits["train"].keys)) == 9989
+    assert index.splits["train"].num_samples == 9989
+    keys = {key for name in index.splits["train"].shards for key in _tar_keys(out / name)}
+    assert len(keys) == 9989                                      # unique keys, every row once
+    assert len(index.speakers) > 200 and index.group_unit == "dialogue"
+
+
+def _tar_keys(path: Path) -> set[str]:
+    import tarfile
+
+    with tarfile.open(path) as tf:
+        return {m.name.split(".")[0] for m in tf.getmembers()}
 
 
 @pytest.mark.skipif(not (RAVDESS_ORIGINAL / "Actor_05").is_dir(),

@@ -123,13 +123,15 @@ def test_module_is_short_and_documented(name):
 LAYERS = {
     # package or module -> what it may import besides itself (docs/architecture.md, "Who imports whom")
     "mmer_dist.weighting": set(),
+    "mmer_dist.folds": set(),
     "mmer_dist.dist": set(),
     "mmer_dist.plots": set(),
     "mmer_dist.config": {"mmer_dist.weighting"},
     "mmer_dist.presets": {"mmer_dist.config"},
-    "mmer_dist.corpora": set(),
+    "mmer_dist.corpora": {"mmer_dist.folds"},
     "mmer_dist.shards": {"mmer_dist.corpora", "mmer_dist.plots"},
-    "mmer_dist.data": {"mmer_dist.config", "mmer_dist.weighting", "mmer_dist.dist", "mmer_dist.shards.schema"},
+    "mmer_dist.data": {"mmer_dist.config", "mmer_dist.weighting", "mmer_dist.folds", "mmer_dist.dist",
+                       "mmer_dist.shards.schema"},
     "mmer_dist.models": {"mmer_dist.config", "mmer_dist.weighting"},
     "mmer_dist.train": {"mmer_dist.config", "mmer_dist.presets", "mmer_dist.weighting", "mmer_dist.dist",
                         "mmer_dist.data", "mmer_dist.models", "mmer_dist.shards.schema"},
