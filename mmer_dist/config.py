@@ -77,7 +77,12 @@ class DataConfig:
     eval_split: str = "dev"
     """Split used for periodic evaluation, best-checkpoint selection and the final metrics.json."""
     batch_size: int = 16
-    """Per-rank batch size (global batch = batch_size x world size x grad_accum)."""
+    """Per-rank batch size (global batch = batch_size x world size x grad_accum); with data.global_batch_size,
+    the largest per-rank micro-batch."""
+    global_batch_size: int = 0
+    """0: data.batch_size is per rank. G > 0: samples per optimizer step whatever the number of processes R:
+    the per-rank micro-batch b <= data.batch_size and train.grad_accum are derived (G = R x b x accum), so a
+    preset means the same optimisation on 1, 2 or 64 processes; refused when G does not divide over R."""
     eval_batch_size: int = 32
     num_workers: int = 0
     """DataLoader worker processes per rank (decoding runs in them)."""
@@ -125,6 +130,7 @@ class DataConfig:
             _check_choice("data.modalities item", m, MODALITIES)
         _check(len(set(self.modalities)) == len(self.modalities), f"data.modalities={list(self.modalities)} repeats a modality")
         _check(self.batch_size >= 1, f"data.batch_size={self.batch_size} must be >= 1")
+        _check(self.global_batch_size >= 0, f"data.global_batch_size={self.global_batch_size} must be >= 0 (0 = off)")
         _check(self.eval_batch_size >= 1, f"data.eval_batch_size={self.eval_batch_size} must be >= 1")
         _check(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
         _check_choice("data.loader", self.loader, ("map", "stream"))

@@ -164,12 +164,13 @@ class MapTrainLoader(SampleCounts):
         """Continue the saved epoch after its consumed batches, on this run's number of ranks (the positions
         left are re-divided when it differs); refuses a state of another configuration."""
         self._load_header(state)
-        for key, mine in (("batch_size", self.batch_size), ("bucketing", bool(self.batch_sampler.window_batches))):
-            if state[key] != mine:
-                raise ValueError(f"cannot resume mid-epoch: saved {key}={state[key]} but this run has {mine}; "
-                                 f"resume with the original data.batch_size / data.bucket_by_length")
         saved_world = state["sampler"]["num_replicas"]
         same_world = saved_world == self.sampler.num_replicas
+        # on another world size the per-rank batch may differ (data.global_batch_size): the layout restarts
+        for key, mine in (("batch_size", self.batch_size), ("bucketing", bool(self.batch_sampler.window_batches))):
+            if state[key] != mine and (same_world or key == "bucketing"):
+                raise ValueError(f"cannot resume mid-epoch: saved {key}={state[key]} but this run has {mine}; "
+                                 f"resume with the original data.batch_size / data.bucket_by_length")
         if not same_world and self.batch_sampler.window_batches and state["batches_done"]:
             raise ValueError(f"cannot resume mid-epoch on {self.sampler.num_replicas} ranks: the epoch was cut into "
                              f"length buckets per rank on {saved_world} ranks (data.bucket_by_length), so the samples "

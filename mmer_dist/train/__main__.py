@@ -56,11 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.dump_config:
             print(dump_config(cfg), end="")
             return 0
+        from mmer_dist.dist import world_info
         from mmer_dist.shards.schema import load_index
-        from mmer_dist.train.preflight import preflight, resolve_for_shards
+        from mmer_dist.train.preflight import preflight, resolve_for_shards, resolve_for_world
 
         index = load_index(cfg.data.shards)
-        cfg = resolve_for_shards(cfg, index)
+        cfg = resolve_for_world(resolve_for_shards(cfg, index), world_info().world_size)
         preflight(cfg, run_dir, index)
     except (ConfigError, FileNotFoundError, KeyError) as e:
         print(f"mmer-dist train: {e.args[0] if e.args else e}", file=sys.stderr)

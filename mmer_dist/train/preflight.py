@@ -25,6 +25,27 @@ def resolve_for_shards(cfg: Config, index: ShardIndex) -> Config:
     return replace(cfg, model=model)
 
 
+def resolve_for_world(cfg: Config, world: int) -> Config:
+    """With data.global_batch_size=G: the per-rank micro-batch (<= data.batch_size) and train.grad_accum that make
+    G samples per optimizer step on `world` processes (the fewest accumulation steps that divide evenly)."""
+    g = cfg.data.global_batch_size
+    if not g:
+        return cfg
+    if cfg.train.grad_accum != 1:
+        raise ConfigError(f"data.global_batch_size={g} derives train.grad_accum from the number of processes; "
+                          f"leave train.grad_accum at 1 (it is {cfg.train.grad_accum}), or set data.global_batch_size=0")
+    if g % world:
+        raise ConfigError(f"data.global_batch_size={g} does not divide over {world} process(es); use a multiple of "
+                          f"{world} (e.g. {max(world, g // world * world) if g >= world else world}) or another number "
+                          f"of processes")
+    per_rank = g // world
+    accum = -(-per_rank // cfg.data.batch_size)
+    while per_rank % accum:
+        accum += 1
+    return replace(cfg, data=replace(cfg.data, batch_size=per_rank // accum),
+                   train=replace(cfg.train, grad_accum=accum))
+
+
 def preflight(cfg: Config, run_dir: Path, index: ShardIndex) -> None:
     """Fail before any process group starts, with a message that names the fix."""
     from mmer_dist.models.cached import check_embeddings

@@ -90,3 +90,19 @@ def test_config_is_frozen():
     cfg = load_config()
     with pytest.raises(Exception):
         cfg.optim.lr = 1.0  # type: ignore[misc]
+
+
+def test_global_batch_derives_the_per_rank_batch_and_accumulation():
+    from mmer_dist.presets import load_config
+    from mmer_dist.train.preflight import resolve_for_world
+
+    cfg = load_config("debug", ["data.global_batch_size=32", "data.batch_size=16"])
+    got = {w: (c.data.batch_size, c.train.grad_accum) for w in (1, 2, 4, 8, 32)
+           for c in [resolve_for_world(cfg, w)]}
+    assert got == {1: (16, 2), 2: (16, 1), 4: (8, 1), 8: (4, 1), 32: (1, 1)}
+    assert all(b * a * w == 32 for w, (b, a) in got.items())
+    with pytest.raises(ConfigError, match="does not divide over 3 process"):
+        resolve_for_world(cfg, 3)
+    with pytest.raises(ConfigError, match="leave train.grad_accum at 1"):
+        resolve_for_world(load_config("debug", ["data.global_batch_size=32", "train.grad_accum=2"]), 1)
+    assert resolve_for_world(load_config("debug"), 4).data.batch_size == 8          # off: per-rank as given
