@@ -9,6 +9,11 @@ dropped before the reduction), so 1 and N processes write the identical metrics.
 Writes OUT/metrics.json (macro_f1 headline, weighted_f1, accuracy, uar, per_class, confusion
 matrix), OUT/predictions.jsonl, OUT/confusion.png, OUT/per_class_f1.png and, when the model comes
 from a run folder with logs, OUT/curves.png; prints a table.
+
+    mmer-dist eval --model runs/seed0 runs/seed1 runs/seed2 --shards S --split test --out ens   # an ensemble
+
+Several models: each member is evaluated into OUT/members/N, then their rows (the same samples in the
+same split order) are combined by averaging the probabilities, in one streaming pass.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a trained model on one split: metrics.json (macro-F1 headline), predictions.jsonl "
                     "and plots in --out. Runs on any number of processes (torchrun --nproc_per_node N "
                     "-m mmer_dist.evaluate ...) with identical metrics.")
-    p.add_argument("--model", required=True, help="run folder (uses its best checkpoint) or exported model folder")
+    p.add_argument("--model", required=True, nargs="+",
+                   help="run folder (uses its export) or exported model folder; several: their ensemble (the average "
+                        "of the members' probabilities), each member also evaluated in OUT/members/N")
     p.add_argument("--shards", required=True, help="shards folder")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--out", required=True, help="folder for metrics.json, predictions.jsonl and the plots")
@@ -75,10 +82,70 @@ def evaluate_model(model_path: str | Path, shards: str | Path, split: str, out: 
     return metrics
 
 
+def average_predictions(parts: list[Path], out: Path, labels: list[str]) -> dict[str, Any]:
+    """Combine members' predictions.jsonl (same samples, same order) by averaging probabilities; write
+    out/predictions.jsonl; the metrics of the average (streaming: one row of each file at a time)."""
+    import json
+
+    import numpy as np
+
+    from mmer_dist.train.metrics import metrics_from_confusion
+
+    k = len(labels)
+    cm = np.zeros((k, k), dtype=np.int64)
+    files = [open(p, encoding="utf-8") for p in parts]
+    try:
+        with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+            for lines in zip(*files, strict=True):
+                rows = [json.loads(x) for x in lines]
+                if len({r["key"] for r in rows}) != 1:
+                    raise ValueError(f"the members' predictions disagree on the sample ({rows[0]['key']} vs "
+                                     f"{rows[1]['key']}): evaluate them on the same shards and split")
+                probs = np.mean([[r["probabilities"][name] for name in labels] for r in rows], axis=0)
+                pred = int(probs.argmax())
+                cm[labels.index(rows[0]["label"]), pred] += 1
+                f.write(json.dumps({**rows[0], "prediction": labels[pred],
+                                    "probabilities": dict(zip(labels, probs.tolist()))}) + "\n")
+    finally:
+        for fh in files:
+            fh.close()
+    return metrics_from_confusion(cm, labels)
+
+
+def evaluate_ensemble(models: list[str | Path], shards: str | Path, split: str, out: str | Path,
+                      batch_size: int = 32) -> dict[str, Any]:
+    """Evaluate every member into out/members/N, then their average; every rank returns the metrics."""
+    from mmer_dist import dist
+    from mmer_dist.report import print_table, write_eval_report
+    from mmer_dist.train.metrics import write_metrics
+
+    out = Path(out)
+    members = [evaluate_model(m, shards, split, out / "members" / str(i), batch_size) for i, m in enumerate(models)]
+    labels = list(members[0]["labels"])
+    if any(list(m["labels"]) != labels for m in members):
+        raise ValueError(f"the models predict different label sets ({[m['labels'] for m in members]}); an ensemble "
+                         f"needs models of one corpus")
+    metrics: dict[str, Any] = {}
+    if dist.is_main():
+        metrics = average_predictions([out / "members" / str(i) / "predictions.jsonl" for i in range(len(models))],
+                                      out, labels)
+        metrics.update({"split": split, "shards": str(shards), "unit": members[0].get("unit", "utterance"),
+                        "ensemble": [m["model"] for m in members],
+                        "members": [{k: m[k] for k in ("model", "macro_f1", "weighted_f1", "accuracy", "uar")}
+                                    for m in members]})
+        write_metrics(metrics, out / "metrics.json")
+        write_eval_report(metrics, out, None)
+        print(f"\nensemble of {len(models)} models:\n{print_table(metrics)}")
+    return dist.broadcast_object(metrics)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        evaluate_model(args.model, args.shards, args.split, args.out, args.batch_size)
+        if len(args.model) > 1:
+            evaluate_ensemble(args.model, args.shards, args.split, args.out, args.batch_size)
+        else:
+            evaluate_model(args.model[0], args.shards, args.split, args.out, args.batch_size)
     except (FileNotFoundError, KeyError, ValueError) as e:   # ConfigError is a ValueError
         print(f"mmer-dist eval: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2

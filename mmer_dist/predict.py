@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mmer-dist predict",
         description="Predict the emotion of one raw utterance, decoded exactly as in training with the decode "
                     "settings stored in the exported model.")
-    p.add_argument("--model", required=True, help="run folder or exported model folder")
+    p.add_argument("--model", required=True, nargs="+",
+                   help="run folder or exported model folder; several: their ensemble (averaged probabilities)")
     p.add_argument("--video", default=None, help="video clip (mp4); its audio track is used when --audio is not given")
     p.add_argument("--audio", default=None, help="audio file (wav, flac, mp3, or a video's audio track)")
     p.add_argument("--text", default=None, help="transcript")
@@ -77,9 +78,21 @@ def decode_files(video: str | Path | None = None, audio: str | Path | None = Non
         raise DecodeError(e.reason, key, f"{', '.join(str(x) for x in (video, audio) if x)}: {e.detail}") from e
 
 
-def predict(model_path: str | Path, video: str | None = None, audio: str | None = None,
+def predict(model_path: str | Path | list[str | Path], video: str | None = None, audio: str | None = None,
             text: str | None = None, context: list[str] | None = None) -> dict[str, Any]:
-    """{"label": name, "probabilities": {name: p}, "modalities": [used]} for one utterance."""
+    """{"label": name, "probabilities": {name: p}, "modalities": [used]} for one utterance; several models:
+    their ensemble (the average of their probabilities; "members" lists each one's answer)."""
+    if isinstance(model_path, (list, tuple)) and len(model_path) > 1:
+        members = [predict(m, video, audio, text, context) for m in model_path]
+        labels = list(members[0]["probabilities"])
+        if any(list(m["probabilities"]) != labels for m in members):
+            raise ValueError("the models predict different label sets; an ensemble needs models of one corpus")
+        probs = {name: sum(m["probabilities"][name] for m in members) / len(members) for name in labels}
+        return {"label": max(probs, key=probs.get), "probabilities": probs,
+                "modalities": sorted({x for m in members for x in m["modalities"]}),
+                "members": [{"model": str(p), "label": m["label"]} for p, m in zip(model_path, members)]}
+    if isinstance(model_path, (list, tuple)):
+        model_path = model_path[0]
     import torch
 
     from mmer_dist.data.collate import Collator

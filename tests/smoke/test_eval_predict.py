@@ -94,3 +94,37 @@ def test_predict_errors_are_clear(raw_run, tmp_path, capsys):
     assert "bad.mp4" in capsys.readouterr().err
     assert cli_main(["predict", "--model", str(run)]) == 2
     assert "at least one of" in capsys.readouterr().err
+
+
+def test_ensemble_eval_and_predict_average_the_members(raw_run, tmp_path, capsys):
+    """Two members (seeds 0 and 1): the ensemble's probabilities are the average of the members' per sample,
+    its metrics those of the averaged predictions; predict averages the same way."""
+    from mmer_dist.train.metrics import compute_metrics
+
+    shards, run = raw_run
+    second = tmp_path / "seed1"
+    assert train_main(["--config", "debug", "--shards", str(shards), "--out", str(second), "train.epochs=2",
+                       "optim.lr=3e-3", "train.seed=1"]) == 0
+    out = tmp_path / "ens"
+    assert cli_main(["eval", "--model", str(run), str(second), "--shards", str(shards), "--split", "test",
+                     "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    members = [[json.loads(x) for x in (out / "members" / str(i) / "predictions.jsonl").read_text().splitlines()]
+               for i in range(2)]
+    assert any(a["probabilities"] != b["probabilities"] for a, b in zip(*members))      # really two models
+    for r, a, b in zip(rows, *members):
+        assert r["key"] == a["key"] == b["key"]
+        for name, p in r["probabilities"].items():
+            assert p == pytest.approx((a["probabilities"][name] + b["probabilities"][name]) / 2, abs=1e-12)
+        assert r["prediction"] == max(r["probabilities"], key=r["probabilities"].get)
+    metrics = json.loads((out / "metrics.json").read_text())
+    expected = compute_metrics([r["label"] for r in rows], [r["prediction"] for r in rows], metrics["labels"])
+    assert metrics["macro_f1"] == pytest.approx(expected["macro_f1"]) and len(metrics["ensemble"]) == 2
+    capsys.readouterr()
+    assert cli_main(["predict", "--model", str(run), str(second), "--text", "I can't believe it!", "--json"]) == 0
+    ens = json.loads(capsys.readouterr().out)
+    singles = []
+    for member in (run, second):
+        assert cli_main(["predict", "--model", str(member), "--text", "I can't believe it!", "--json"]) == 0
+        singles.append(json.loads(capsys.readouterr().out)["probabilities"])
+    assert ens["probabilities"] == pytest.approx({k: (singles[0][k] + singles[1][k]) / 2 for k in singles[0]})
