@@ -86,6 +86,9 @@ class DataConfig:
     eval_batch_size: int = 32
     num_workers: int = 0
     """DataLoader worker processes per rank (decoding runs in them)."""
+    loader_timeout_s: float = 300.0
+    """With num_workers > 0: a worker that delivers no batch for this long (stalled, out of file handles for
+    shared memory, ...) ends the run with its error and what it was reading, instead of a hang."""
     loader: str = "map"
     """map: random access into the tars via the index (exact weighted sampler, mid-epoch resume);
     stream: WebDataset streaming with resampled shards and a fixed epoch length."""
@@ -133,6 +136,7 @@ class DataConfig:
         _check(self.global_batch_size >= 0, f"data.global_batch_size={self.global_batch_size} must be >= 0 (0 = off)")
         _check(self.eval_batch_size >= 1, f"data.eval_batch_size={self.eval_batch_size} must be >= 1")
         _check(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
+        _check(self.loader_timeout_s > 0, f"data.loader_timeout_s={self.loader_timeout_s} must be > 0 (seconds)")
         _check_choice("data.loader", self.loader, ("map", "stream"))
         _check(self.steps_per_epoch >= 0, "data.steps_per_epoch must be >= 0 (0 = derived from the split size)")
         _check(self.max_audio_seconds > 0, "data.max_audio_seconds must be > 0")

@@ -31,7 +31,7 @@ smaller; the number of batches never changes); `counts()` is this rank's running
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -115,9 +115,25 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def dataloader_settings(num_workers: int) -> dict[str, Any]:
-    """DataLoader keywords every loader uses (pinning, worker init, generator)."""
+def dataloader_settings(num_workers: int, timeout_s: float = 0.0) -> dict[str, Any]:
+    """DataLoader keywords every loader uses (pinning, worker init, generator, the worker timeout)."""
     # A private generator: creating an iterator must not draw from the global torch RNG, or a resumed
     # run (whose iterator starts mid-epoch) would see different dropout masks than an uninterrupted one.
+    # The timeout turns a worker that cannot deliver a batch (e.g. "unable to open shared memory object")
+    # into an error instead of a hang; torch itself notices a worker that died.
     return {"pin_memory": torch.cuda.is_available(), "worker_init_fn": _worker_init if num_workers > 0 else None,
-            "generator": torch.Generator().manual_seed(0)}
+            "generator": torch.Generator().manual_seed(0), "timeout": timeout_s if num_workers > 0 else 0.0}
+
+
+def batches_of(loader: Any, reading: Callable[[], str]) -> Iterator[dict[str, Any]]:
+    """The batches of a DataLoader; a worker that died, raised or timed out becomes a `DataError` naming
+    its error and what the workers were reading (`reading()`), in the main process."""
+    try:
+        yield from loader
+    except DataError:
+        raise
+    except Exception as e:         # a worker's exception, re-raised here by torch with its traceback as text
+        first = next((line for line in reversed(str(e).strip().splitlines()) if line.strip()), str(e))
+        raise DataError(f"a data loader worker failed: {first.strip()[:500]}. The workers were reading: {reading()}. "
+                        f"A worker that times out raises after data.loader_timeout_s; check the shards with "
+                        f"`mmer-dist verify SHARDS_DIR`") from e

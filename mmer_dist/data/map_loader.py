@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mmer_dist.config import DataConfig, SamplerConfig
 from mmer_dist.data.collate import Collator, bucket_batches
-from mmer_dist.data.loader import SampleCounts, dataloader_settings
+from mmer_dist.data.loader import SampleCounts, batches_of, dataloader_settings
 from mmer_dist.data.sampler import DistributedWeightedSampler, eval_indices_at
 from mmer_dist.data.seeds import mix
 from mmer_dist.data.shard_reader import ShardDataset
@@ -88,9 +88,10 @@ class RankBatchSampler:
             yield [(i, False, epoch, k * b + j) for j, i in enumerate(batches[k])]
 
 
-def _dataloader(dataset: Dataset, batch_sampler: Any, collate: Collator, num_workers: int) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=num_workers,
-                      persistent_workers=num_workers > 0, **dataloader_settings(num_workers))
+def _dataloader(dataset: Dataset, batch_sampler: Any, collate: Collator, cfg: DataConfig) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=cfg.num_workers,
+                      persistent_workers=cfg.num_workers > 0,
+                      **dataloader_settings(cfg.num_workers, cfg.loader_timeout_s))
 
 
 class MapTrainLoader(SampleCounts):
@@ -102,12 +103,12 @@ class MapTrainLoader(SampleCounts):
     kind = "map"
 
     def __init__(self, dataset: ShardDataset, sampler: DistributedWeightedSampler, batch_sampler: RankBatchSampler,
-                 collate: Collator, num_workers: int) -> None:
+                 collate: Collator) -> None:
         super().__init__()
         self.dataset, self.sampler, self.batch_sampler = dataset, sampler, batch_sampler
         self.label_names, self.class_counts = dataset.label_names, dataset.class_counts
         self.batch_size = batch_sampler.batch_size
-        self.loader = _dataloader(dataset, batch_sampler, collate, num_workers)
+        self.loader = _dataloader(dataset, batch_sampler, collate, dataset.cfg)
         self._batches_done = 0
 
     def __len__(self) -> int:
@@ -146,7 +147,7 @@ class MapTrainLoader(SampleCounts):
                 raise ValueError(f"iter_from({batches_done}): the epoch has {len(self)} batches on this rank")
             self._batches_done = int(batches_done)
             self.sampler.seek(min(self.sampler.rank_size(), self._batches_done * self.batch_size))
-        for batch in self.loader:
+        for batch in batches_of(self.loader, self.dataset.readers):
             # handed to the loop = consumed: a state_dict() taken after this step resumes after it
             self.sampler.advance(self.batch_size)
             self._batches_done += 1
@@ -205,18 +206,18 @@ class MapEvalLoader(SampleCounts):
     Not for `accelerator.prepare` either (already split by rank).
     """
 
-    def __init__(self, dataset: ShardDataset, batches: EvalBatches, collate: Collator, num_workers: int) -> None:
+    def __init__(self, dataset: ShardDataset, batches: EvalBatches, collate: Collator) -> None:
         super().__init__()
         self.dataset, self.batches = dataset, batches
         self.label_names, self.class_counts = dataset.label_names, dataset.class_counts
         self.num_samples = len(dataset)
-        self.loader = _dataloader(dataset, batches, collate, num_workers)
+        self.loader = _dataloader(dataset, batches, collate, dataset.cfg)
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for batch in self.loader:
+        for batch in batches_of(self.loader, self.dataset.readers):
             yield self._count(batch)
 
 
@@ -236,7 +237,7 @@ def build_map_train_loader(dataset: ShardDataset, cfg_data: DataConfig, cfg_samp
                          f"Lower data.batch_size, use fewer processes, or set data.steps_per_epoch")
     window = BUCKET_WINDOW_BATCHES if cfg_data.bucket_by_length else 0
     batch_sampler = RankBatchSampler(sampler, b, dataset.durations, window, seed)
-    return MapTrainLoader(dataset, sampler, batch_sampler, collate, cfg_data.num_workers)
+    return MapTrainLoader(dataset, sampler, batch_sampler, collate)
 
 
 def build_map_eval_loader(dataset: ShardDataset, cfg_data: DataConfig, rank: int, world_size: int,
@@ -245,4 +246,4 @@ def build_map_eval_loader(dataset: ShardDataset, cfg_data: DataConfig, rank: int
     if len(dataset) == 0:
         raise ValueError(f"split {dataset.split} of {dataset.root} has no samples to evaluate")
     batches = EvalBatches(len(dataset), cfg_data.eval_batch_size, rank, world_size)
-    return MapEvalLoader(dataset, batches, collate, cfg_data.num_workers)
+    return MapEvalLoader(dataset, batches, collate)

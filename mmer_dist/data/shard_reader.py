@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import resource
 from collections import OrderedDict
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch.utils.data import get_worker_info
 
 from mmer_dist.config import DataConfig
 from mmer_dist.data.decode import Decoder, DecodeError, Skipped
@@ -30,6 +32,8 @@ from mmer_dist.shards.schema import SampleRows, Samples, ShardIndex, load_index,
 
 DEFAULT_OPEN_FILES = 64
 """Descriptors a process keeps open per dataset (train and eval each have their own cache)."""
+MAX_WORKERS = 64
+"""DataLoader workers whose current sample is tracked for error messages."""
 
 
 def raise_file_limit() -> int:
@@ -113,6 +117,9 @@ class ShardDataset:
                              np.bincount(self.labels, minlength=len(self.label_names)).tolist())
         self.files = ShardFiles([self.root / s for s in self.shard_names], open_files)
         self.cfg, self.decoder = cfg_data, decoder
+        # what each DataLoader worker reads now (shared memory, inherited by forked workers): named in the
+        # error when a worker dies or stalls
+        self.reading = multiprocessing.RawArray("q", [-1] * MAX_WORKERS)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -126,6 +133,10 @@ class ShardDataset:
     def durations(self) -> Any:
         """Audio seconds of every sample (a memory-mapped float32 column)."""
         return self.samples["duration"]
+
+    def readers(self) -> str:
+        """What each DataLoader worker was reading last, for an error message."""
+        return "; ".join(f"worker {w}: {self.where(i)}" for w, i in enumerate(self.reading) if i >= 0) or "nothing yet"
 
     def where(self, i: int) -> str:
         """`shard (bytes a..b)` of sample i, for messages."""
@@ -151,6 +162,9 @@ class ShardDataset:
             i, pad, epoch, pos = int(item[0]), bool(item[1]), int(item[2]), int(item[3])
         else:
             i, pad, epoch, pos = int(item), False, None, int(item)
+        worker = get_worker_info()
+        if worker is not None and worker.id < MAX_WORKERS:
+            self.reading[worker.id] = i
         try:
             key, raw = self.members(i)
         except (OSError, ValueError) as e:   # the index says the shard is complete: damage, not a bad input

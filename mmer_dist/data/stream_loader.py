@@ -37,7 +37,7 @@ from mmer_dist.config import DataConfig, SamplerConfig
 from mmer_dist.data.balance import ClassBalancedStream
 from mmer_dist.data.collate import Collator
 from mmer_dist.data.decode import Decoder, DecodeError, Skipped
-from mmer_dist.data.loader import SampleCounts, dataloader_settings
+from mmer_dist.data.loader import SampleCounts, batches_of, dataloader_settings
 from mmer_dist.data.seeds import mix
 from mmer_dist.shards.schema import META_EXT
 from mmer_dist.weighting import class_target_distribution, class_weights
@@ -264,8 +264,8 @@ class StreamLoader(SampleCounts):
         """The rest of the epoch; resuming at batch n replays the deterministic stream and drops n batches."""
         start = self._start if batches_done is None else int(batches_done)
         loader = DataLoader(self.pipeline(), batch_size=None, num_workers=self.cfg.num_workers,
-                            **dataloader_settings(self.cfg.num_workers))
-        for k, batch in enumerate(loader):
+                            **dataloader_settings(self.cfg.num_workers, self.cfg.loader_timeout_s))
+        for k, batch in enumerate(batches_of(loader, lambda: f"the shards of rank {self.rank}")):
             if k < start:
                 continue
             self._start = k + 1

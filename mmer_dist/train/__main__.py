@@ -67,14 +67,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmer-dist train: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     from mmer_dist.data.loader import DataError
+    from mmer_dist.lifecycle import RunLock, RunLockedError, die_with_parent, launched_by_torchrun
     from mmer_dist.train.loop import train
 
+    if launched_by_torchrun():
+        die_with_parent()                  # a rank never outlives its launcher (mmer_dist.lifecycle)
+    try:
+        lock = RunLock(run_dir) if world_info().rank == 0 else None    # one owner per run folder
+    except RunLockedError as e:
+        print(f"mmer-dist train: {e}", file=sys.stderr)
+        return 2
     try:
         result = train(cfg, run_dir, index)
     except DataError as e:                 # damaged shards, too many undecodable samples: named, no traceback
         print(f"mmer-dist train: {e}", file=sys.stderr)
         return 1
-    return 0 if result else 1
+    finally:
+        if lock is not None:
+            lock.release()
+    return 1 if not result or result.get("stalled") else 0
 
 
 if __name__ == "__main__":

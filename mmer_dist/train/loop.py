@@ -38,7 +38,7 @@ from mmer_dist.train.engine import (
 from mmer_dist.train.evaluation import evaluate, to_device
 from mmer_dist.train.metrics import HEADLINE, write_metrics
 from mmer_dist.train.runlog import RunLog, environment_info
-from mmer_dist.train.stop import StopRequest, requeue_if_slurm
+from mmer_dist.train.stop import StoppedWaiting, StopRequest, requeue_if_slurm
 
 
 def train(cfg: Config, run_dir: Path, index: ShardIndex | None = None) -> dict[str, Any]:
@@ -56,11 +56,11 @@ def train(cfg: Config, run_dir: Path, index: ShardIndex | None = None) -> dict[s
               read_trainer_state(resume_from) if resume_from is not None else TrainerState())
     if resume_from is not None:
         run.restore(resume_from)
-    stopped = run.fit(stop)
-    if stopped:
+    outcome = run.fit(stop)
+    if outcome != "done":
         run.log.close()
         requeue_if_slurm(accelerator.is_main_process)
-        return {"stopped": True, "step": run.state.step}
+        return {"stopped": True, "stalled": outcome == "stalled", "step": run.state.step}
     metrics = run.finish()
     accelerator.end_training()
     return metrics
@@ -176,8 +176,15 @@ class Run:
 
     # ---- the loop
 
-    def fit(self, stop: StopRequest) -> bool:
-        """Train until train.epochs / train.max_steps; True when a stop signal ended it early (checkpointed)."""
+    def fit(self, stop: StopRequest) -> str:
+        """Train until train.epochs / train.max_steps: "done"; "stopped" when a stop signal ended it early
+        (checkpointed); "stalled" when the signal came while the loop waited for data that never came."""
+        try:
+            return self._fit(stop)
+        except StoppedWaiting:
+            return self._stopped_waiting(stop)
+
+    def _fit(self, stop: StopRequest) -> str:
         cfg, state = self.cfg, self.state
         if self.main:
             print(f"{self.world} process(es) on {self.accelerator.device} ({self.accelerator.distributed_type}); "
@@ -189,7 +196,12 @@ class Run:
         self._t_last, self._seen_last = time.time(), state.samples_seen
         while state.step < self.total_steps:
             self.train_loader.set_epoch(state.epoch)
-            for batch in self.train_loader.iter_from():       # from the loader's own (restored) position
+            batches = self.train_loader.iter_from()          # from the loader's own (restored) position
+            while True:
+                with stop.waiting():                          # a stop signal while data never comes: stop now
+                    batch = next(batches, None)
+                if batch is None:
+                    break
                 if not self.train_step(batch):
                     continue                      # accumulating gradients: no optimizer step yet
                 self.after_step()
@@ -199,14 +211,28 @@ class Run:
                         self.bar.write(f"signal {stop.signum} received: checkpoint saved at step {state.step}; "
                                        f"run again with resume=latest to continue")
                     self.bar.close()
-                    return True
+                    return "stopped"
                 if state.step % self.checkpoint_every == 0 or state.step >= self.total_steps:
                     self.checkpoint()
                 if state.step >= self.total_steps:
                     break
         self.bar.close()
-        return False
+        return "done"
 
+    def _stopped_waiting(self, stop: StopRequest) -> str:
+        """A stop signal while waiting for a batch. One process checkpoints the last completed step; with
+        several, the other ranks may be inside a collective, so the last periodic checkpoint stands."""
+        from mmer_dist.train.checkpoint import complete_checkpoints
+
+        self.bar.close()
+        if self.world == 1:
+            self.checkpoint()
+        last = complete_checkpoints(self.run_dir)
+        print(f"signal {stop.signum} received while waiting for data at step {self.state.step} (the loader delivered "
+              f"nothing; see data.loader_timeout_s): stopped. Last complete checkpoint: "
+              f"{last[-1] if last else 'none'}; run again with resume=latest to continue from it", file=sys.stderr,
+              flush=True)
+        return "stalled"
     @property
     def checkpoint_every(self) -> int:
         return self.cfg.train.checkpoint_every or self.steps_per_epoch
