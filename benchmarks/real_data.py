@@ -62,11 +62,12 @@ def steps(out: Path, data: Path, nproc: int) -> list[Step]:
     one = {"OMP_NUM_THREADS": "1"}
     s: list[Step] = [Step("pack-meld", mmer("pack", "meld", "--root", str(data / "meld"), "--out", meld),
                           "shards/meld-text/index.json")]
-    meld_runs = {"meld-ce": [], "meld-sqrt": ["sampler.weighting=sqrt_inverse"],
+    # the preset ships the sqrt-inverse sampler: the baseline is `sampler.weighting=none`
+    meld_runs = {"meld-ce": ["sampler.weighting=none"], "meld-sqrt": ["sampler.weighting=sqrt_inverse"],
                  "meld-cb": ["loss.name=class_balanced"], "meld-focal": ["loss.name=focal"],
                  "meld-inverse": ["sampler.weighting=inverse"], "meld-la": ["loss.name=logit_adjusted"],
                  # variants that did not help (benchmarks/README.md)
-                 "meld-ce-3ep": ["train.epochs=3"], "meld-sqrt-3ep": ["sampler.weighting=sqrt_inverse", "train.epochs=3"],
+                 "meld-ce-3ep": ["sampler.weighting=none", "train.epochs=3"], "meld-sqrt-3ep": ["sampler.weighting=sqrt_inverse", "train.epochs=3"],
                  "meld-sqrt-elr1e4": ["sampler.weighting=sqrt_inverse", "optim.encoder_lr=1e-4"],
                  "meld-sqrt-mean": ["sampler.weighting=sqrt_inverse", "model.text.pooling=mean"],
                  "meld-sqrt-focal": ["sampler.weighting=sqrt_inverse", "loss.name=focal"],
@@ -83,6 +84,8 @@ def steps(out: Path, data: Path, nproc: int) -> list[Step]:
         meld_runs[f"meld-sqrt-ema{suffix}"] = sqrt + ema + seed
     meld_runs.update({"meld-sqrt-ls": sqrt + ls, "meld-sqrt-ls-ema": sqrt + ls + ema,
                       "meld-sqrt-ls-ema-seed1": sqrt + ls + ema + seeds["-seed1"]})
+    # the baseline over the same three seeds: the paired comparison with meld-sqrt{,-seed1,-seed2}
+    meld_runs.update({f"meld-ce{suffix}": ["sampler.weighting=none", *seed] for suffix, seed in seeds.items() if suffix})
     ports = iter(range(29630, 29700))
 
     def train_and_eval(name: str, config: str, shards: str, extra: list[str], split: str) -> list[Step]:
@@ -97,6 +100,12 @@ def steps(out: Path, data: Path, nproc: int) -> list[Step]:
         s += train_and_eval(name, "meld_text_minilm", meld, extra, "dev")
     s.append(Step("meld-compare", mmer("compare", *(f"{o}/runs/{n}/eval-dev" for n in ("meld-ce", "meld-sqrt", "meld-cb")),
                                        "--out", f"{o}/runs/meld-compare"), "runs/meld-compare/compare.json"))
+    # the ensembles of the three seeds, beside the single runs
+    for base in ("meld-ce", "meld-sqrt"):
+        members = [f"{o}/runs/{base}{suffix}" for suffix in seeds]
+        s.append(Step(f"{base}-ensemble", mmer("eval", "--model", *members, "--shards", meld, "--split", "dev",
+                                               "--out", f"{o}/runs/{base}-ensemble"),
+                      f"runs/{base}-ensemble/metrics.json", metrics=f"runs/{base}-ensemble/metrics.json"))
     s.append(Step("pack-ravdess", mmer("pack", "ravdess", "--root", str(data / "ravdess"), "--out", rav),
                   "shards/ravdess/index.json"))
     # A second actor split, to check the preset's train.select=last on actors that played no part in choosing it.
@@ -111,6 +120,14 @@ def steps(out: Path, data: Path, nproc: int) -> list[Step]:
                     "ravdess-audio-split-b": (rav_b, []), "ravdess-audio-split-b-best": (rav_b, best)}
     for name, (shards, extra) in ravdess_runs.items():
         s += train_and_eval(name, "ravdess_audio", shards, extra, "test")
+    # Speaker-independent folds chosen at training time: every actor packed into "all", 5 folds of 4 actors,
+    # dev = the 2 actors before the test fold; each clip is tested once, by the fold holding its actor out.
+    rav_all = f"{o}/shards/ravdess-all"
+    s.append(Step("pack-ravdess-all", mmer("pack", "ravdess", "--root", str(data / "ravdess"), "--out", rav_all,
+                                           "--split", "none"), "shards/ravdess-all/index.json"))
+    for k in range(5):
+        s += train_and_eval(f"ravdess-fold{k}", "ravdess_audio", rav_all,
+                            ["data.folds=5", f"data.fold={k}", "data.dev_speakers=2"], "test")
     # The originals: one actor, so it is its own test split; the train profile transcodes 48 kHz (one
     # stereo) wavs to mono 16 kHz FLAC and the 720p mp4s to the training video profile.
     s.append(Step("pack-originals", mmer("pack", "ravdess", "--root", str(data / "ravdess-original"), "--out", orig,

@@ -126,6 +126,7 @@ LAYERS = {
     "mmer_dist.folds": set(),
     "mmer_dist.dist": set(),
     "mmer_dist.plots": set(),
+    "mmer_dist.lifecycle": set(),
     "mmer_dist.config": {"mmer_dist.weighting"},
     "mmer_dist.presets": {"mmer_dist.config"},
     "mmer_dist.corpora": {"mmer_dist.folds"},
@@ -133,7 +134,7 @@ LAYERS = {
     "mmer_dist.data": {"mmer_dist.config", "mmer_dist.weighting", "mmer_dist.folds", "mmer_dist.dist",
                        "mmer_dist.shards.schema"},
     "mmer_dist.models": {"mmer_dist.config", "mmer_dist.weighting"},
-    "mmer_dist.train": {"mmer_dist.config", "mmer_dist.presets", "mmer_dist.weighting", "mmer_dist.dist",
+    "mmer_dist.train": {"mmer_dist.config", "mmer_dist.presets", "mmer_dist.weighting", "mmer_dist.dist", "mmer_dist.lifecycle",
                         "mmer_dist.data", "mmer_dist.models", "mmer_dist.shards.schema"},
 }
 
