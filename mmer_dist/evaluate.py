@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a trained model on one split: metrics.json (macro-F1 headline), predictions.jsonl "
                     "and plots in --out. Runs on any number of processes (torchrun --nproc_per_node N "
                     "-m mmer_dist.evaluate ...) with identical metrics.")
-    p.add_argument("--model", required=True, help="run folder (uses its best checkpoint) or exported model folder")
+    p.add_argument("--model", required=True, help="run folder (uses its exported best model), exported model folder, "
+                                                  "or a checkpoint folder RUN/checkpoints/step-N")
     p.add_argument("--shards", required=True, help="shards folder")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--out", required=True, help="folder for metrics.json, predictions.jsonl and the plots")
@@ -45,7 +46,7 @@ def evaluate_model(model_path: str | Path, shards: str | Path, split: str, out: 
     from mmer_dist.models.cached import check_embeddings
     from mmer_dist.report import print_table, write_eval_report
     from mmer_dist.shards.schema import load_index
-    from mmer_dist.train.checkpoint import find_export, load_exported
+    from mmer_dist.train.checkpoint import find_export, load_exported, run_dir_of
     from mmer_dist.train.evaluation import evaluate
 
     info = dist.init_process_group()
@@ -67,7 +68,7 @@ def evaluate_model(model_path: str | Path, shards: str | Path, split: str, out: 
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         result.write(out)
-        run_dir = export_dir.parent
+        run_dir = run_dir_of(export_dir)
         write_eval_report(metrics, out, run_dir if (run_dir / "log.jsonl").exists() else None)
         print(print_table(metrics))
         print(f"\nwrote {out / 'metrics.json'}, predictions.jsonl and plots "

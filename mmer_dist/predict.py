@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mmer-dist predict",
         description="Predict the emotion of one raw utterance, decoded exactly as in training with the decode "
                     "settings stored in the exported model.")
-    p.add_argument("--model", required=True, help="run folder or exported model folder")
+    p.add_argument("--model", required=True, help="run folder, exported model folder or checkpoint folder "
+                                                  "(RUN/checkpoints/step-N)")
     p.add_argument("--video", default=None, help="video clip (mp4); its audio track is used when --audio is not given")
     p.add_argument("--audio", default=None, help="audio file (wav, flac, mp3, or a video's audio track)")
     p.add_argument("--text", default=None, help="transcript")

@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmer_dist.jsonio import read_json
+
 SCHEMA_VERSION = 1
 
 INDEX_FILE = "index.json"
@@ -153,8 +155,8 @@ def write_json_atomic(path: Path, data: Any, indent: int = 1) -> None:
 
 def read_stats(shards_dir: str | Path, shard: str) -> ShardStats:
     """The `{shard}.stats.json` of shard `shard` in `shards_dir`."""
-    with open(Path(shards_dir) / stats_name(shard), encoding="utf-8") as f:
-        return ShardStats.from_json(json.load(f))
+    return ShardStats.from_json(read_json(Path(shards_dir) / stats_name(shard), fix=f"delete it and {shard}, then "
+                                          f"re-run the same `mmer-dist pack` (or `embed`) command: that shard is written again"))
 
 
 def load_index(shards_dir: str | Path) -> ShardIndex:
@@ -166,8 +168,8 @@ def load_index(shards_dir: str | Path) -> ShardIndex:
             f"Create one with `mmer-dist pack {{meld,ravdess}} --root RAW --out {shards_dir}` "
             f"(an interrupted pack resumes when run again with the same arguments)."
         )
-    with open(path, encoding="utf-8") as f:
-        return ShardIndex.from_json(json.load(f))
+    return ShardIndex.from_json(read_json(path, fix=f"re-run the `mmer-dist pack` (or `embed`) command that wrote "
+                                                    f"{shards_dir}: finished shards are kept and the index is merged again"))
 
 
 def split_index(index: ShardIndex, split: str, shards_dir: str | Path = "") -> SplitIndex:

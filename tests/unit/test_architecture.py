@@ -125,14 +125,16 @@ LAYERS = {
     "mmer_dist.weighting": set(),
     "mmer_dist.dist": set(),
     "mmer_dist.plots": set(),
+    "mmer_dist.jsonio": set(),
     "mmer_dist.config": {"mmer_dist.weighting"},
-    "mmer_dist.presets": {"mmer_dist.config"},
-    "mmer_dist.corpora": set(),
-    "mmer_dist.shards": {"mmer_dist.corpora", "mmer_dist.plots"},
-    "mmer_dist.data": {"mmer_dist.config", "mmer_dist.weighting", "mmer_dist.dist", "mmer_dist.shards.schema"},
-    "mmer_dist.models": {"mmer_dist.config", "mmer_dist.weighting"},
+    "mmer_dist.presets": {"mmer_dist.config", "mmer_dist.jsonio"},
+    "mmer_dist.corpora": {"mmer_dist.jsonio"},
+    "mmer_dist.shards": {"mmer_dist.corpora", "mmer_dist.plots", "mmer_dist.jsonio"},
+    "mmer_dist.data": {"mmer_dist.config", "mmer_dist.weighting", "mmer_dist.dist", "mmer_dist.shards.schema",
+                       "mmer_dist.jsonio"},
+    "mmer_dist.models": {"mmer_dist.config", "mmer_dist.weighting", "mmer_dist.jsonio"},
     "mmer_dist.train": {"mmer_dist.config", "mmer_dist.presets", "mmer_dist.weighting", "mmer_dist.dist",
-                        "mmer_dist.data", "mmer_dist.models", "mmer_dist.shards.schema"},
+                        "mmer_dist.data", "mmer_dist.models", "mmer_dist.shards.schema", "mmer_dist.jsonio"},
 }
 
 
