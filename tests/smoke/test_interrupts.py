@@ -108,3 +108,25 @@ def test_help_imports_nothing_heavy(command):
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]", f"`mmer-dist {command} --help` imports {proc.stdout}"
+
+
+def test_ctrl_c_during_pack_says_interrupted_and_the_same_command_resumes(synth_meld_raw, synth_meld_shards, tmp_path):
+    from mmer_dist.shards.schema import load_index
+
+    out = tmp_path / "shards"
+    cmd = [sys.executable, "-m", "mmer_dist.cli", "pack", "meld", "--root", str(synth_meld_raw), "--out", str(out),
+           "--shard-samples", "1", "--video-size", "32", "--video-fps", "4"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while len(list(out.glob("*.stats.json"))) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    printed, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and printed.rstrip().endswith("interrupted") and "Traceback" not in printed
+    done = len(list(out.glob("*.stats.json")))
+    assert not (out / "index.json").exists() and 2 <= done < 120, "the pack finished before the interrupt"
+    resumed = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"{done} already complete" in resumed.stdout
+    ours, reference = load_index(out), load_index(synth_meld_shards)
+    assert {s: sorted(i.keys) for s, i in ours.splits.items()} == {s: sorted(i.keys) for s, i in reference.splits.items()}

@@ -136,3 +136,15 @@ def test_empty_ravdess_wav_uses_the_av_mp4_audio_and_is_counted(tmp_path: Path,
     assert summary["skipped"]["degraded"] == {EMPTY_AUDIO_FALLBACK: 1} and summary["skipped"]["total_dropped"] == 0
     test = summary["splits"]["test"]
     assert test["samples"] == 8 and test["modalities"]["audio"] == 8                # no audio was lost
+
+
+def test_damaged_embed_json_is_named_by_embed(synth_meld_shards: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "emb"
+    out.mkdir()
+    (out / "embed.json").write_text('{"input": ')
+    assert cli_main(["embed", "--config", "debug", "--shards", str(synth_meld_shards), "--out", str(out),
+                     "data.modalities=[text]"]) == 2
+    err = _errors(capsys)
+    assert f"{out / 'embed.json'} is not valid JSON" in err and f"delete {out} and run `mmer-dist embed` again" in err
+    assert [p.name for p in out.iterdir()] == ["embed.json"]                          # nothing written
