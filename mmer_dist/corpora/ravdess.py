@@ -242,9 +242,10 @@ def _actor_dirs(root: Path) -> list[Path]:
 
 
 def _audio_source(files: dict[str, Path], report: ReadReport) -> Path | None:
-    """The audio-only file, else the AV mp4's audio track; an empty audio-only file falls back like a missing one."""
+    """The audio-only file, else the AV mp4's audio track; an empty audio-only file beside a non-empty AV mp4
+    falls back like a missing one."""
     wav, av_mp4 = files.get("03"), files.get("01")
-    if wav is not None and av_mp4 is not None and wav.stat().st_size == 0:
+    if wav is not None and av_mp4 is not None and wav.stat().st_size == 0 and av_mp4.stat().st_size > 0:
         report.add(EMPTY_AUDIO_FALLBACK, f"{wav}: 0 bytes; audio taken from {av_mp4.name}", dropped=False)
         return av_mp4
     return wav or av_mp4
