@@ -6,9 +6,10 @@
 `train` reads as the steps of a run; `Run` holds what they share. Every rank runs the same number
 of micro-batches per epoch (the rank loaders guarantee it, mmer_dist.data.loader), so collectives
 never wait on a rank that ran out of data. A SIGTERM/SIGUSR1 (Slurm's warning before a time limit
-or preemption) or a Ctrl-C makes every rank agree to stop at the same step, save a checkpoint and exit cleanly;
-`resume=latest` continues exactly where it stopped (weights, optimizer, scheduler, RNG, the
-loader's position and the weight average are all in the checkpoint).
+or preemption) or a Ctrl-C makes every rank agree to stop at the same step, save a checkpoint and exit
+cleanly; `resume=latest` continues exactly where it stopped (weights, optimizer, scheduler, RNG, the
+loader's position and the weight average are all in the checkpoint; mmer_dist.train.resume says what a
+resume may change).
 """
 
 from __future__ import annotations
