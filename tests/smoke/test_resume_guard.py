@@ -65,20 +65,28 @@ def test_resume_refuses_a_key_the_run_cannot_change(run, synth_meld_shards, caps
     assert _snapshot(run) == before               # config.yaml, checkpoints, logs: nothing touched, nothing added
 
 
-def test_a_longer_resume_is_applied_recorded_and_trains_at_the_schedule_floor(run, synth_meld_shards, capsys):
+@pytest.mark.parametrize("first, longer, key", [("train.max_steps=4", "train.max_steps=7", "train.max_steps"),
+                                                 ("train.epochs=1", "train.epochs=2", "train.epochs")])
+def test_a_longer_resume_is_applied_recorded_and_trains_at_the_schedule_floor(synth_meld_shards, tmp_path, capsys,
+                                                                              first, longer, key):
+    run = tmp_path / "run"
+    assert _train(synth_meld_shards, run, first) == 0
+    built_for = max(r["step"] for r in _log(run))             # the length the schedule was built for
     config_before = (run / "config.yaml").read_bytes()
-    assert _train(synth_meld_shards, run, "train.max_steps=7", "resume=latest") == 0
+    capsys.readouterr()
+    assert _train(synth_meld_shards, run, longer, "resume=latest") == 0
     out = capsys.readouterr().out
-    assert "this start changes train.max_steps 4 -> 7" in out and "learning-rate schedule keeps the length" in out
+    before, now = first.split("=")[1], longer.split("=")[1]
+    assert f"this start changes {key} {before} -> {now}" in out and "learning-rate schedule keeps the length" in out
     assert (run / "config.yaml").read_bytes() == config_before              # the original config, kept
     (entry,) = map(json.loads, (run / "resumes.jsonl").read_text().splitlines())
-    assert entry["step"] == 4 and entry["checkpoint"].endswith("checkpoints/step-000004")
-    assert entry["changed"] == {"train.max_steps": [4, 7]} and entry["time"]
-    assert json.loads((run / "train_state.json").read_text())["step"] == 7
+    assert entry["step"] == built_for and entry["checkpoint"].endswith(f"checkpoints/step-{built_for:06d}")
+    assert entry["changed"] == {key: [int(before), int(now)]} and entry["time"]
     rows = {r["step"]: r for r in _log(run)}
-    assert sorted(rows) == [1, 2, 3, 4, 5, 6, 7]
-    # past the 4 steps the schedule was built for, every group stays at its floor: lr x min_lr_ratio (0.1)
-    for step in (5, 6, 7):
+    total = json.loads((run / "train_state.json").read_text())["step"]
+    assert total > built_for and sorted(rows) == list(range(1, total + 1))
+    # past the steps the schedule was built for, every group stays at its floor: lr x min_lr_ratio (0.1)
+    for step in range(built_for + 1, total + 1):
         assert rows[step]["lr/fusion"] == pytest.approx(1e-3 * 0.1) and rows[step]["lr/text"] == pytest.approx(1e-5)
 
 
