@@ -21,15 +21,16 @@ from mmer_dist.train.checkpoint import complete_checkpoints
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 ARGS = ["--config", "debug", "data.modalities=[text,audio]", "train.log_every=1", "optim.warmup_steps=2",
-        "train.epochs=50", "train.checkpoint_every=1000"]
+        "train.epochs=50", "train.checkpoint_every=1000", "data.num_workers=2"]
 
 
 class Training:
-    """`python -m mmer_dist.train` in a subprocess, its output collected as it comes."""
+    """`python -m mmer_dist.train` in a subprocess of its own process group (as a terminal runs it), its output
+    collected as it comes."""
 
     def __init__(self, args: list[str]) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "mmer_dist.train", *args], cwd=REPO, env=ENV, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         self.out = ""
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -44,7 +45,8 @@ class Training:
             time.sleep(0.02)
 
     def interrupt(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
+        """Ctrl-C in a terminal: SIGINT to the whole group, the DataLoader workers too."""
+        os.killpg(self.proc.pid, signal.SIGINT)
 
     def finish(self) -> int:
         rc = self.proc.wait(timeout=300)
