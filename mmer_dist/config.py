@@ -187,12 +187,12 @@ class EncoderConfig:
     (read from its config; set it when that encoder is not available here, e.g. model.text.dim=768)."""
 
     def __post_init__(self) -> None:
-        _check_choice("encoder kind", self.kind, ("hf", "scratch", "cached"))
-        _check_choice("encoder size", self.size, ("debug", "small", "base"))
-        _check_choice("encoder pooling", self.pooling, ("tokens", "mean", "cls"))
-        _check(self.unfreeze_after_steps >= 0, "unfreeze_after_steps must be >= 0")
-        _check(self.dim >= 0, f"encoder dim={self.dim} must be >= 0 (0 = the named encoder's width)")
-        _check(0.0 <= self.dropout < 1.0, f"encoder dropout={self.dropout} must be in [0, 1)")
+        _check_choice("kind", self.kind, ("hf", "scratch", "cached"))
+        _check_choice("size", self.size, ("debug", "small", "base"))
+        _check_choice("pooling", self.pooling, ("tokens", "mean", "cls"))
+        _check(self.unfreeze_after_steps >= 0, f"unfreeze_after_steps={self.unfreeze_after_steps} must be >= 0")
+        _check(self.dim >= 0, f"dim={self.dim} must be >= 0 (0 = the named encoder's width)")
+        _check(0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)")
         _check(self.unfreeze_after_steps == 0 or self.freeze,
                f"unfreeze_after_steps={self.unfreeze_after_steps} needs freeze=true (freeze-then-unfreeze)")
 
@@ -215,9 +215,12 @@ class FusionConfig:
     """Add a learned position embedding (per pooled token index) to each modality's tokens."""
 
     def __post_init__(self) -> None:
-        _check(self.width % self.heads == 0, f"fusion.width={self.width} must be divisible by fusion.heads={self.heads}")
+        _check(self.layers >= 1 and self.heads >= 1, f"model.fusion.layers={self.layers} and model.fusion.heads="
+                                                     f"{self.heads} must be >= 1")
+        _check(self.width % self.heads == 0,
+               f"model.fusion.width={self.width} must be divisible by model.fusion.heads={self.heads}")
         _check(0.0 <= self.dropout < 1.0 and 0.0 <= self.modality_dropout < 1.0,
-               "fusion.dropout and fusion.modality_dropout must be in [0, 1)")
+               "model.fusion.dropout and model.fusion.modality_dropout must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -285,10 +288,17 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0 and self.encoder_lr >= 0, "optim.lr must be > 0 and optim.encoder_lr >= 0")
-        _check(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
-        _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]")
+        _check(self.lr > 0, f"optim.lr={self.lr} must be > 0")
+        _check(self.encoder_lr >= 0, f"optim.encoder_lr={self.encoder_lr} must be >= 0")
+        _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must be >= 0")
+        _check(self.grad_clip >= 0, f"optim.grad_clip={self.grad_clip} must be >= 0 (0 = no clipping)")
+        _check(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         _check(len(self.betas) == 2, "optim.betas needs two values, e.g. [0.9, 0.999]")
+
+
+_ZERO_MEANS = {"epochs": "train.max_steps decides", "max_steps": "train.epochs x steps per epoch",
+               "eval_every": "at the end of every epoch", "checkpoint_every": "at the end of every epoch"}
 
 
 @dataclass(frozen=True)
@@ -317,7 +327,11 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     resume: str = ""
-    """"" (fresh run; refuses a run folder that has checkpoints) | latest | path of a checkpoint."""
+    """"" = a fresh run (refused when the run folder has checkpoints) | latest = continue from the newest complete
+    checkpoint; with none yet it says so and starts fresh (what a Slurm requeue needs) | must = like latest, but
+    with no checkpoint it refuses | a checkpoint folder. A resume must keep the run's config (RUN/config.yaml,
+    never rewritten): only the keys in mmer_dist.train.resume.MAY_CHANGE (length, eval/log/checkpoint cadence,
+    checkpoints kept, dist timeout) may differ; they are applied and recorded in RUN/resumes.jsonl."""
     deepspeed: str = ""
     """Path of a DeepSpeed JSON (launch/ds_zero2.json); usually set by the launcher instead."""
     dist_timeout_s: float = 600.0
@@ -325,6 +339,9 @@ class TrainConfig:
     error instead of waiting for torch's default (30 min for gloo, 10 for NCCL)."""
 
     def __post_init__(self) -> None:
+        for name in ("epochs", "max_steps", "eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            _check(value >= 0, f"train.{name}={value} must be >= 0 (0 = {_ZERO_MEANS[name]})")
         _check(self.epochs >= 1 or self.max_steps >= 1, "train.epochs or train.max_steps must be >= 1")
         _check(self.grad_accum >= 1, f"train.grad_accum={self.grad_accum} must be >= 1")
         _check(self.dist_timeout_s > 0, f"train.dist_timeout_s={self.dist_timeout_s} must be > 0 (seconds)")
@@ -332,8 +349,8 @@ class TrainConfig:
         _check_choice("train.select", self.select, ("best", "last"))
         _check(0.0 <= self.ema_decay < 1.0, f"train.ema_decay={self.ema_decay} must be in [0, 1): 0 = off, "
                                             f"else e.g. 0.995")
-        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
-        _check(self.log_every >= 1, "train.log_every must be >= 1")
+        _check(self.keep_checkpoints >= 1, f"train.keep_checkpoints={self.keep_checkpoints} must be >= 1")
+        _check(self.log_every >= 1, f"train.log_every={self.log_every} must be >= 1")
 
 
 @dataclass(frozen=True)

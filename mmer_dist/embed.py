@@ -48,6 +48,7 @@ import numpy as np
 
 from mmer_dist import dist
 from mmer_dist.config import Config, ConfigError, replace
+from mmer_dist.jsonio import read_json
 from mmer_dist.presets import load_config, to_dict
 from mmer_dist.shards.merge import merge_stats, record_diff, split_lines, write_index
 from mmer_dist.shards.schema import (META_EXT, SKIPPED_FILE, SampleEntry, ShardIndex, ShardStats, load_index,
@@ -259,10 +260,9 @@ def _check_out(out: Path, record: dict[str, Any]) -> None:
     if out.exists() and not out.is_dir():
         raise EmbedError(f"--out {out} exists and is not a folder; choose another path")
     if path.exists():
-        diff = record_diff(json.loads(path.read_text(encoding="utf-8")), record, lambda v: json.dumps(v)[:300])
-        if diff:
-            lines = "\n".join(diff)
-            raise EmbedError(f"{out} holds embeddings made with other settings:\n{lines}\n"
+        old = read_json(path, fix=f"it records the embedding settings: delete {out} and run `mmer-dist embed` again")
+        if diff := record_diff(old, record, lambda v: json.dumps(v)[:300]):
+            raise EmbedError(f"{out} holds embeddings made with other settings:\n" + "\n".join(diff) + "\n"
                              f"Use another --out, the same config (to resume), or delete {out}.")
     elif out.exists() and any(out.iterdir()):
         raise EmbedError(f"--out {out} is not empty and holds no {EMBED_FILE}; choose an empty or new folder")
@@ -282,7 +282,8 @@ def _merge(out: Path, shards_in: Path, index_in: ShardIndex, plan: list[tuple[st
     index = merged.index(index_in.corpus, EMBED_PROFILE, index_in.group_unit,
                          extra={EMBEDDINGS_KEY: records, "embed_hash": record_hash, "input": str(shards_in.resolve()),
                                 "input_profile": index_in.profile, "input_extra": index_in.extra})
-    before = json.loads((shards_in / SKIPPED_FILE).read_text(encoding="utf-8")) if (shards_in / SKIPPED_FILE).exists() else {}
+    skipped = shards_in / SKIPPED_FILE
+    before = read_json(skipped, fix="re-run the `mmer-dist pack` that wrote it") if skipped.exists() else {}
     total = Counter(before.get("dropped", {})) + dropped
     write_json_atomic(out / SKIPPED_FILE, {
         "dropped": dict(sorted(total.items())), "degraded": before.get("degraded", {}),

@@ -31,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "and plots in --out. Runs on any number of processes (torchrun --nproc_per_node N "
                     "-m mmer_dist.evaluate ...) with identical metrics.")
     p.add_argument("--model", required=True, nargs="+",
-                   help="run folder (uses its export) or exported model folder; several: their ensemble (the average "
-                        "of the members' probabilities), each member also evaluated in OUT/members/N")
+                   help="run folder (uses its exported best model), exported model folder, or a checkpoint folder "
+                        "RUN/checkpoints/step-N; several: their ensemble (the average of the members' probabilities), "
+                        "each member also evaluated in OUT/members/N")
     p.add_argument("--shards", required=True, help="shards folder")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--out", required=True, help="folder for metrics.json, predictions.jsonl and the plots")
@@ -52,7 +53,7 @@ def evaluate_model(model_path: str | Path, shards: str | Path, split: str, out: 
     from mmer_dist.models.cached import check_embeddings
     from mmer_dist.report import print_table, write_eval_report
     from mmer_dist.shards.schema import load_index
-    from mmer_dist.train.checkpoint import find_export, load_exported
+    from mmer_dist.train.checkpoint import find_export, load_exported, run_dir_of
     from mmer_dist.train.evaluation import evaluate
     from mmer_dist.train.metrics import write_metrics
 
@@ -73,7 +74,7 @@ def evaluate_model(model_path: str | Path, shards: str | Path, split: str, out: 
     metrics.update({"split": split, "shards": str(shards), "model": str(export_dir)})
     if dist.is_main():
         write_metrics(metrics, out / "metrics.json")
-        run_dir = export_dir.parent
+        run_dir = run_dir_of(export_dir)
         write_eval_report(metrics, out, run_dir if (run_dir / "log.jsonl").exists() else None)
         print(print_table(metrics))
         print(f"\nwrote {out / 'metrics.json'}, predictions.jsonl and plots "

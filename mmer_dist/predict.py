@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Predict the emotion of one raw utterance, decoded exactly as in training with the decode "
                     "settings stored in the exported model.")
     p.add_argument("--model", required=True, nargs="+",
-                   help="run folder or exported model folder; several: their ensemble (averaged probabilities)")
+                   help="run folder, exported model folder or checkpoint folder (RUN/checkpoints/step-N); several: "
+                        "their ensemble (averaged probabilities)")
     p.add_argument("--video", default=None, help="video clip (mp4); its audio track is used when --audio is not given")
     p.add_argument("--audio", default=None, help="audio file (wav, flac, mp3, or a video's audio track)")
     p.add_argument("--text", default=None, help="transcript")
@@ -112,9 +113,56 @@ def predict(model_path: str | Path | list[str | Path], video: str | None = None,
     with torch.no_grad():
         probs = torch.softmax(model(batch).float(), dim=-1)[0]
     used = [m for m in data_cfg.modalities if f"{m}_mask" in batch and bool(batch[f"{m}_mask"].any())]
+    check_inputs_used(video, audio, text, tuple(data_cfg.modalities), used)
     best = int(probs.argmax())
     return {"label": labels[best], "probabilities": {name: float(p) for name, p in zip(labels, probs)},
             "modalities": used}
+
+
+def media_streams(path: str | Path) -> list[str] | None:
+    """The audio/video streams of a file as "video (h264)", "audio (aac)"; None when FFmpeg cannot open it."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            return [f"{s.type} ({s.codec_context.name})" for s in container.streams if s.type in ("audio", "video")]
+    except (av.error.FFmpegError, OSError, ValueError):
+        return None
+
+
+def _holds(streams: list[str] | None) -> str:
+    if streams is None:
+        return "it is not a media file FFmpeg can open"
+    return f"it holds {' + '.join(streams)}" if streams else "it holds no audio or video stream"
+
+
+def check_inputs_used(video: str | None, audio: str | None, text: str | None, modalities: tuple[str, ...],
+                      used: list[str]) -> None:
+    """Every input was used as its flag says, else ValueError naming the flag, the file and what it holds:
+    `--audio` gives the model audio; `--video` is a video (its frames feed a model with video; a model
+    without video, given no --audio, hears its audio track); an input the model was not trained on is an
+    error, never silently ignored."""
+    trained = f"the model was trained on {', '.join(modalities)}"
+    if audio and "audio" not in modalities:
+        raise ValueError(f"--audio {audio}: {trained}, without audio; drop --audio")
+    if audio and "audio" not in used:
+        raise ValueError(f"--audio {audio}: no audio could be decoded from it ({_holds(media_streams(audio))}); "
+                         f"give a wav/flac/mp3 file or a clip with an audio track")
+    if text and "text" not in modalities:
+        raise ValueError(f"--text: {trained}, without text; drop --text")
+    if not video or "video" in used:
+        return
+    streams = media_streams(video)
+    if not any(s.startswith("video") for s in streams or []):
+        hint = "it is audio: pass it as --audio" if any(s.startswith("audio") for s in streams or []) else \
+            "give an mp4 clip"
+        raise ValueError(f"--video {video}: no video stream ({_holds(streams)}); {hint}")
+    if "video" in modalities:
+        raise ValueError(f"--video {video}: no video frames could be decoded from it ({_holds(streams)}); "
+                         f"give a readable mp4 clip")
+    if audio or "audio" not in used:
+        why = "--audio gives the audio" if audio else "its audio track gave no audio"
+        raise ValueError(f"--video {video}: {trained}, without video, and {why}; drop --video")
 
 
 def main(argv: list[str] | None = None) -> int:

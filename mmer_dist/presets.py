@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from mmer_dist.config import Config, ConfigError, _check
+from mmer_dist.jsonio import read_yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -109,7 +110,12 @@ def build(cls: type, data: dict[str, Any], where: str = "") -> Any:
             hint = f"; did you mean {(where + '.' if where else '') + close[0]!r}?" if close else ""
             raise ConfigError(f"unknown config key {path!r}{hint} (valid here: {', '.join(names)})")
         kwargs[key] = _coerce(value, hints[key], path)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:   # a nested section's check names its field, not where the section sits
+        if where and where not in str(e):
+            raise ConfigError(f"{where}: {e}") from None
+        raise
 
 
 def to_dict(obj: Any) -> Any:
@@ -145,9 +151,8 @@ def preset_path(name_or_path: str) -> Path:
 def _read_preset(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     path = preset_path(name_or_path)
     _check(str(path) not in seen, f"preset {path} names itself as base (cycle: {' -> '.join(seen)})")
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
-    _check(isinstance(data, dict), f"{path}: a preset must be a YAML mapping of config sections")
+    data = read_yaml(path, fix="a preset is a YAML mapping of config sections holding only differences from the "
+                               "defaults (see mmer_dist/configs/debug.yaml)")
     base = data.pop("base", None)
     data.setdefault("name", path.stem)
     if base:
@@ -160,7 +165,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not key=value (e.g. optim.lr=3e-4)")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"override {text!r}: the value {raw!r} is not valid YAML; quote it or fix the brackets "
+                          f"(e.g. data.modalities=[text,audio])") from None
     return key.strip().split("."), value
 
 
@@ -193,7 +202,10 @@ def save_config(cfg: Config, path: Path) -> None:
     Path(path).write_text(dump_config(cfg), encoding="utf-8")
 
 
-def config_from_file(path: Path) -> Config:
-    """Read a resolved config.yaml written by a run (all fields present)."""
-    with open(path, encoding="utf-8") as f:
-        return build(Config, yaml.safe_load(f) or {})
+def config_from_file(path: Path, fix: str = "") -> Config:
+    """Read a resolved config.yaml written by a run (all fields present); errors name the file and `fix`."""
+    fix = fix or "it is the config of the run that wrote it: restore it, or train into a new --out"
+    try:
+        return build(Config, read_yaml(path, fix=fix))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}; {fix}") from None

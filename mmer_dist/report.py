@@ -6,7 +6,7 @@ matplotlib at all. Each plot function saves a PNG and returns the Figure (tests 
 
     plot_confusion(metrics, "eval/confusion.png")          # counts | row-normalised
     plot_per_class_f1(metrics, "eval/per_class_f1.png")     # bars + macro-F1 line
-    plot_curves("runs/debug", "eval/curves.png")            # from runs/debug/log.jsonl
+    plot_curves("runs/debug", "eval/curves.png")            # from runs/debug/log.jsonl (lr/<component> lines)
     print(print_table(metrics))
     write_eval_report(metrics, "eval", run_dir="runs/debug")  # all of the above
 
@@ -143,8 +143,16 @@ def _series(rows: Sequence[Mapping[str, Any]], split_ok: Any, key: str) -> tuple
     return steps, [by_step[s] for s in steps]
 
 
+def _lr_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The learning-rate fields of the train rows: `lr/<component>` (one per parameter group's component:
+    fusion, text, audio, video), or the single `lr` of logs written before they were split."""
+    keys = sorted({k for r in rows if r.get("split", "train") == "train" for k in r if k.startswith("lr/")})
+    return keys or ["lr"]
+
+
 def plot_curves(run_dir: str | Path, path: str | Path) -> "Figure":
-    """Three panels from RUN_DIR/log.jsonl: train loss, learning rate, eval macro/weighted F1 vs step."""
+    """Three panels from RUN_DIR/log.jsonl: train loss, the learning rate of each component (fusion/head and
+    every trainable encoder), eval macro/weighted F1 vs step."""
     log_path = Path(run_dir) / "log.jsonl"
     rows, bad = read_log(log_path)
     if bad:
@@ -174,10 +182,15 @@ def plot_curves(run_dir: str | Path, path: str | Path) -> "Figure":
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("loss")
 
-    s, v = _series(rows, is_train, "lr")
-    if s:
-        ax_lr.plot(s, v, color="tab:green")
+    drawn_lr = False
+    for key in _lr_keys(rows):
+        s, v = _series(rows, is_train, key)
+        if s:
+            ax_lr.plot(s, v, label=key.removeprefix("lr/") if key != "lr" else "lr (first group)")
+            drawn_lr = True
+    if drawn_lr:
         ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        ax_lr.legend()
     else:
         empty(ax_lr, "learning rate")
     ax_lr.set_title("learning rate")

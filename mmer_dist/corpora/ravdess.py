@@ -13,7 +13,8 @@ File name codes (Livingstone & Russo, 2018):
 Files that differ only in MM are one recording seen through different modalities; they are
 paired into ONE utterance keyed `ravdess-VV-EE-II-SS-RR-AA`: `audio_path` is the audio-only file
 when present, else the AV mp4 (its audio track); `video_path` is the AV mp4, else the video-only
-mp4. A video-only recording without an audio-only partner has `audio_path=None` (its mp4 carries
+mp4. An empty (zero-byte) audio-only file beside an AV mp4 counts as missing: the mp4's audio track is
+used, and the utterance is counted as degraded ("empty_audio_file_used_av_audio"). A video-only recording without an audio-only partner has `audio_path=None` (its mp4 carries
 only a silent track). The statement is the transcript (`text`).
 
 Bad input: a root without `Actor_XX` folders is an error; a malformed name or a code out of
@@ -54,6 +55,9 @@ VIDEO_EXTS: frozenset[str] = frozenset({".mp4"})
 DEFAULT_TEST_ACTORS = 4
 DEFAULT_DEV_ACTORS = 2
 KFOLD_DEFAULT_K = 5
+
+EMPTY_AUDIO_FALLBACK = "empty_audio_file_used_av_audio"
+"""Degraded-reason: a zero-byte audio-only file replaced by the audio track of the recording's AV mp4."""
 
 _NAME_RE = re.compile(r"^(\d{2})-(\d{2})-(\d{2})-(\d{2})-(\d{2})-(\d{2})-(\d{2})$")
 _ACTOR_DIR_RE = re.compile(r"^Actor_(\d{2})$")
@@ -226,6 +230,16 @@ def _actor_dirs(root: Path) -> list[Path]:
     return dirs
 
 
+def _audio_source(files: dict[str, Path], report: ReadReport) -> Path | None:
+    """The audio-only file, else the AV mp4's audio track; an empty audio-only file beside a non-empty AV mp4
+    falls back like a missing one."""
+    wav, av_mp4 = files.get("03"), files.get("01")
+    if wav is not None and av_mp4 is not None and wav.stat().st_size == 0 and av_mp4.stat().st_size > 0:
+        report.add(EMPTY_AUDIO_FALLBACK, f"{wav}: 0 bytes; audio taken from {av_mp4.name}", dropped=False)
+        return av_mp4
+    return wav or av_mp4
+
+
 def read_ravdess(
     root: str | Path,
     *,
@@ -306,7 +320,7 @@ def read_ravdess(
     utterances: list[Utterance] = []
     for name in kept:
         files = recordings[name.recording]
-        audio = files.get("03") or files.get("01")
+        audio = _audio_source(files, report)
         video = files.get("01") or files.get("02")
         utterances.append(Utterance(
             key=name.key,

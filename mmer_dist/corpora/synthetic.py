@@ -67,6 +67,9 @@ MELD_SENTIMENT: dict[str, tuple[str, ...]] = {
 SPLIT_FRACTIONS: dict[str, float] = {"train": 0.7, "dev": 0.1, "test": 0.2}
 DEFAULT_MELD_N = 600
 DEFAULT_RAVDESS_ACTORS = 12
+MELD_MIN_PER_SPLIT = 3
+RAVDESS_DESIGN_SIZE = 60         # speech utterances per actor: 8 emotions x 2 statements x 2 repetitions x
+                                 # 2 intensities, neutral without the strong one
 RAVDESS_STATEMENTS = ("Kids are talking by the door", "Dogs are sitting by the door")
 
 # Speakers: name -> (base f0 in Hz, skin RGB, hair RGB)
@@ -97,6 +100,31 @@ def _prepare_out(out: str | Path) -> Path:
                                   f"folder (delete it or choose another --out)")
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def min_n(corpus: str, *, min_per_split: int = MELD_MIN_PER_SPLIT, n_actors: int = DEFAULT_RAVDESS_ACTORS) -> int:
+    """The smallest `n` whose corpus has every class in every split: MELD, each of the 7 classes
+    `min_per_split` times in each of the 3 splits (63); RAVDESS, splits are by actor, so every actor needs
+    every one of the 8 emotions (the design lists them first): 8 per actor (96 with 12 actors)."""
+    if corpus == "meld":
+        return len(MELD_LABELS) * 3 * min_per_split
+    return len(RAVDESS_LABELS) * n_actors
+
+
+def check_n(corpus: str, n: int, *, what: str = "n", min_per_split: int = MELD_MIN_PER_SPLIT,
+            n_actors: int = DEFAULT_RAVDESS_ACTORS) -> None:
+    """ValueError naming `what` (n, or --n on the command line) when `n` cannot give every class in every split."""
+    low = min_n(corpus, min_per_split=min_per_split, n_actors=n_actors)
+    given = f"{what} {n}" if what.startswith("--") else f"{what}={n}"
+    high = RAVDESS_DESIGN_SIZE * n_actors if corpus == "ravdess" else None
+    if n < low:
+        why = (f"each of the {len(MELD_LABELS)} classes needs {min_per_split} utterances in each of the 3 splits"
+               if corpus == "meld" else
+               f"splits are by actor, so each of the {n_actors} actors needs all {len(RAVDESS_LABELS)} emotions")
+        raise ValueError(f"{given} is too small for a synthetic {corpus} corpus: {why}; use {what} >= {low}")
+    if high is not None and n > high:
+        raise ValueError(f"{given} is too large for a synthetic ravdess corpus: {n_actors} actors x "
+                         f"{RAVDESS_DESIGN_SIZE} speech utterances = {high}; use {what} <= {high}")
 
 
 def _class_counts(n: int, proportions: dict[str, float], labels: Sequence[str], minimum: int) -> dict[str, int]:
@@ -165,7 +193,7 @@ def write_meld(
     clips: bool = True,
     proportions: dict[str, float] | None = None,
     split_fractions: dict[str, float] | None = None,
-    min_per_split: int = 3,
+    min_per_split: int = MELD_MIN_PER_SPLIT,
     seconds: tuple[float, float] = (1.0, 2.0),
     frame_size: int = 64,
     fps: float = 10.0,
@@ -181,6 +209,7 @@ def write_meld(
     t0 = time.perf_counter()
     _check_common(noise, seconds, frame_size, fps, sample_rate)
     n = DEFAULT_MELD_N if n is None else int(n)
+    check_n("meld", n, min_per_split=min_per_split)
     fractions = dict(SPLIT_FRACTIONS if split_fractions is None else split_fractions)
     if set(fractions) != set(SPLIT_FRACTIONS) or any(v < 0 for v in fractions.values()):
         raise ValueError(f"split_fractions={fractions} must give non-negative shares for train, dev and test")
@@ -292,7 +321,9 @@ def write_ravdess(
     if not 1 <= n_actors <= 24:
         raise ValueError(f"n_actors={n_actors} must be in 1..24 (RAVDESS has 24 actors)")
     design = ravdess_design()
-    per_actor = len(design) if n is None else max(1, min(len(design), math.ceil(int(n) / n_actors)))
+    if n is not None:
+        check_n("ravdess", int(n), n_actors=n_actors)
+    per_actor = len(design) if n is None else math.ceil(int(n) / n_actors)
     out = _prepare_out(out)
     plan = np.random.default_rng([int(seed), 2])
     index = 0
@@ -342,7 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("corpus", choices=["meld", "ravdess"])
     p.add_argument("--out", required=True, help="folder to create (must be empty or absent)")
     p.add_argument("--n", type=int, default=None,
-                   help="utterances (MELD: total over splits; RAVDESS: per actor is derived). Default: a small corpus")
+                   help=f"utterances, enough for every class in every split. meld: the total over the splits, "
+                        f">= {min_n('meld')} (7 classes x 3 splits x {MELD_MIN_PER_SPLIT}), default {DEFAULT_MELD_N}; "
+                        f"ravdess: spread over {DEFAULT_RAVDESS_ACTORS} actors (rounded up per actor), "
+                        f"{min_n('ravdess')} to {RAVDESS_DESIGN_SIZE * DEFAULT_RAVDESS_ACTORS} (8 emotions per actor; "
+                        f"at most the {RAVDESS_DESIGN_SIZE} speech utterances of each), default all")
     p.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     p.add_argument("--no-video", action="store_true", help="skip the mp4 clips (text/audio only)")
     return p
@@ -365,5 +400,11 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    print(write_corpus(args.corpus, args.out, n=args.n, seed=args.seed, video=not args.no_video))
+    try:
+        if args.n is not None:
+            check_n(args.corpus, args.n, what="--n")
+        print(write_corpus(args.corpus, args.out, n=args.n, seed=args.seed, video=not args.no_video))
+    except (ValueError, FileExistsError) as e:
+        print(f"mmer-dist synth: {e}", file=sys.stderr)
+        return 2
     return 0

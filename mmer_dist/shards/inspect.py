@@ -27,12 +27,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mmer_dist.shards.schema import INDEX_FILE, PACK_FILE, SKIPPED_FILE, ShardStats, load_index, size_mismatches
+from mmer_dist.jsonio import read_json
+from mmer_dist.shards.schema import INDEX_FILE, PACK_FILE, SKIPPED_FILE, load_index, read_stats, size_mismatches
 
-
-def _read_json(path: Path) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+REPACK = "re-run the same `mmer-dist pack` command: finished shards are kept and the index files are merged again"
 
 
 def _split_summary(classes: dict[str, int], labels: list[str], shards: int, duration: float, nbytes: int,
@@ -59,7 +57,7 @@ def _from_stats(root: Path) -> tuple[dict[str, dict[str, Any]], list[str], dict[
     dropped: dict[str, int] = {}
     degraded: dict[str, int] = {}
     for path in sorted(root.glob("*.stats.json")):
-        st = ShardStats.from_json(_read_json(path))
+        st = read_stats(root, path.name[: -len(".stats.json")] + ".tar")
         a = acc.setdefault(st.split, {"classes": {}, "shards": 0, "duration": 0.0, "bytes": 0, "modalities": {}})
         a["shards"] += 1 if st.samples else 0
         a["duration"] += st.duration
@@ -81,7 +79,8 @@ def summarize(shards_dir: str | Path) -> dict[str, Any]:
     root = Path(shards_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder; pass a shards folder written by `mmer-dist pack`")
-    config = _read_json(root / PACK_FILE).get("config", {}) if (root / PACK_FILE).exists() else {}
+    pack_fix = f"it records the packing arguments: re-pack with `mmer-dist pack ... --out {root} --overwrite`"
+    config = read_json(root / PACK_FILE, fix=pack_fix).get("config", {}) if (root / PACK_FILE).exists() else {}
     out: dict[str, Any] = {"path": str(root), "corpus": config.get("corpus"), "profile": config.get("profile"),
                            "complete": (root / INDEX_FILE).exists(), "labels": [], "splits": {}}
     if out["complete"]:
@@ -92,7 +91,7 @@ def summarize(shards_dir: str | Path) -> dict[str, Any]:
                                                  si.bytes, si.modalities)
         out["damaged"] = size_mismatches(root, index, list(index.splits))   # one stat per shard, no read
         skipped_path = root / SKIPPED_FILE
-        sk = _read_json(skipped_path) if skipped_path.exists() else {}
+        sk = read_json(skipped_path, fix=REPACK) if skipped_path.exists() else {}
         skipped = {k: sk.get(k, {} if not k.startswith("total") else 0)
                    for k in ("dropped", "degraded", "total_dropped", "total_degraded")}
     else:

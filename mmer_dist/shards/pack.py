@@ -43,7 +43,6 @@ only the planned shards i with i % T == t; the task that finds every shard compl
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import signal
@@ -60,6 +59,7 @@ from typing import Any
 from mmer_dist.corpora import read_corpus
 from mmer_dist.corpora.labels import labels_for
 from mmer_dist.corpora.record import GROUP_UNITS, ReadReport
+from mmer_dist.jsonio import read_json
 from mmer_dist.shards import media
 from mmer_dist.shards.merge import merge_stats, record_diff, split_lines, write_index
 from mmer_dist.shards.plan import PackConfig, PackError, ShardJob, parse_bytes, plan_shards, reader_options_for
@@ -190,7 +190,7 @@ def _check_out(out: Path, cfg: PackConfig, overwrite: bool, num_tasks: int) -> N
     diff: list[str] = []
     if existing:
         if pack_file.exists():
-            old = json.loads(pack_file.read_text(encoding="utf-8")).get("config", {})
+            old = read_json(pack_file, fix=f"pack into a new --out, or add --overwrite to re-pack {out}").get("config", {})
             new = cfg.to_json()
             diff = record_diff(old, new)
             if diff and not overwrite:
@@ -297,7 +297,7 @@ def pack(corpus: str, root: str | Path, out: str | Path, *, profile: str = "trai
             (dropped if s["dropped"] else degraded)[s["reason"]] += 1
     timings["merge"] = time.perf_counter() - t_merge
     if index is not None:
-        sk = json.loads((out / SKIPPED_FILE).read_text(encoding="utf-8"))
+        sk = read_json(out / SKIPPED_FILE, fix="re-run the same `mmer-dist pack` command: it is merged again")
         dropped, degraded = Counter(sk["dropped"]), Counter(sk["degraded"])
     return PackResult(
         out=out, config=cfg, planned_shards=len(jobs), written=[o.name for o in outcomes if not o.error],

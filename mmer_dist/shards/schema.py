@@ -44,6 +44,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmer_dist.jsonio import read_json
+
 import numpy as np
 
 SCHEMA_VERSION = 2
@@ -187,8 +189,8 @@ def write_json_atomic(path: Path, data: Any, indent: int = 1) -> None:
 
 def read_stats(shards_dir: str | Path, shard: str) -> ShardStats:
     """The `{shard}.stats.json` of shard `shard` in `shards_dir`."""
-    with open(Path(shards_dir) / stats_name(shard), encoding="utf-8") as f:
-        return ShardStats.from_json(json.load(f))
+    return ShardStats.from_json(read_json(Path(shards_dir) / stats_name(shard), fix=f"delete it and {shard}, then "
+                                          f"re-run the same `mmer-dist pack` (or `embed`) command: that shard is written again"))
 
 
 class IndexFormatError(ValueError):
@@ -204,12 +206,8 @@ def load_index(shards_dir: str | Path) -> ShardIndex:
             f"Create one with `mmer-dist pack {{meld,ravdess}} --root RAW --out {shards_dir}` "
             f"(an interrupted pack resumes when run again with the same arguments)."
         )
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except ValueError as e:
-        raise IndexFormatError(f"{path} is not valid JSON ({e}); rebuild it from the shards' stats files with "
-                               f"`mmer-dist reindex {shards_dir}`") from None
+    data = read_json(path, fix=f"re-run the `mmer-dist pack` (or `embed`) command that wrote {shards_dir}: finished "
+                               f"shards are kept and the index is merged again")
     if data.get("schema_version", 1) < SCHEMA_VERSION:
         raise IndexFormatError(
             f"{path} was written by an older mmer_dist (index format {data.get('schema_version', 1)}, this version "

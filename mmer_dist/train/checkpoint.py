@@ -2,7 +2,9 @@
 
 A run folder looks like:
 
-    RUN_DIR/config.yaml                 the resolved config
+    RUN_DIR/config.yaml                 the resolved config, written once by the run's first start
+    RUN_DIR/resumes.jsonl               one line per later start: step, checkpoint, changed keys
+                                        (mmer_dist.train.resume)
     RUN_DIR/checkpoints/step-000120/    accelerator.save_state (model, optimizer, scheduler, RNG of
                                         every rank) + trainer_state.json (step, epoch, sampler
                                         position, best score, ...) written LAST: marks it complete
@@ -10,12 +12,14 @@ A run folder looks like:
     RUN_DIR/export/                     the final exported model (= best, with its metrics)
 
 An exported model folder holds `model.json` (model config, decode config, label names) and
-`model.safetensors`, and loads without the training config: `load_exported(path)`.
+`model.safetensors`, and loads without the training config: `load_exported(path)`. A checkpoint
+folder loads too (`mmer-dist eval/predict --model RUN/checkpoints/step-N`): the weights Accelerate
+saved in it (the weight average instead when train.ema_decay > 0, as the run's evaluations used),
+the configs from RUN/config.yaml and the label names from its trainer_state.json.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -24,14 +28,17 @@ from typing import Any
 
 import torch
 
-from mmer_dist.config import DataConfig, ModelConfig
-from mmer_dist.presets import build, to_dict
+from mmer_dist.config import ConfigError, DataConfig, ModelConfig
+from mmer_dist.jsonio import damaged, read_json
+from mmer_dist.presets import build, config_from_file, to_dict
 from mmer_dist.shards.schema import write_json_atomic
 
 CHECKPOINT_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
 EXPORT_META = "model.json"
 EXPORT_WEIGHTS = "model.safetensors"
+CHECKPOINT_WEIGHTS = "model.safetensors"          # what accelerator.save_state writes for the (one) model
+CHECKPOINT_AVERAGE = "custom_checkpoint_0.pkl"    # the weight average, registered for checkpointing
 _STEP_RE = re.compile(r"^step-(\d{6,})$")
 
 
@@ -45,7 +52,8 @@ class TrainerState:
     best_score: float = -1.0          # best dev Macro-F1 so far
     best_step: int = -1
     samples_seen: int = 0             # global, over all ranks
-    total_steps: int = 0              # the run's planned optimizer steps (the schedule's length), set at its start
+    total_steps: int = 0              # the run's planned optimizer steps, set at its start (or a resume's new length)
+    length: list[int] = field(default_factory=list)          # [train.epochs, train.max_steps] total_steps was set from
     # Every sample accounted for (mmer_dist.train.accounting), summed over ranks and the run's processes:
     samples_read: int = 0             # training samples drawn: delivered + skipped
     skipped: dict[str, int] = field(default_factory=dict)    # decode failures by reason
@@ -71,15 +79,19 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def resolve_resume(run_dir: Path, resume: str) -> Path | None:
-    """The checkpoint to resume from: `latest` (None when the run has none yet) or a path.
+    """The checkpoint to resume from: `latest` (None when the run has none yet), `must` (the same, but
+    ConfigError when there is none) or a path.
 
     Call on the main rank only and broadcast the answer (dist.broadcast_object), so every rank
     loads the same checkpoint even if a new one appears while they start.
     """
     if not resume:
         return None
-    if resume == "latest":
+    if resume in ("latest", "must"):
         found = complete_checkpoints(run_dir)
+        if not found and resume == "must":
+            raise ConfigError(f"train.resume=must: {run_dir} has no complete checkpoint ({CHECKPOINT_DIR}/step-N/"
+                              f"{TRAINER_STATE}); check --out, or pass resume=latest to start fresh when there is none")
         return found[-1] if found else None
     path = Path(resume)
     if not (path / TRAINER_STATE).exists():
@@ -88,15 +100,18 @@ def resolve_resume(run_dir: Path, resume: str) -> Path | None:
     return path
 
 
+def _trainer_state_json(ckpt: Path) -> dict[str, Any]:
+    return read_json(Path(ckpt) / TRAINER_STATE, fix=f"that checkpoint is damaged: delete {ckpt} and resume from the "
+                                                     f"one before it (resume=latest picks the newest complete one)")
+
+
 def read_trainer_state(ckpt: Path) -> TrainerState:
-    with open(Path(ckpt) / TRAINER_STATE, encoding="utf-8") as f:
-        data = json.load(f)
+    data = _trainer_state_json(ckpt)
     return TrainerState(**{k: v for k, v in data.items() if k in TrainerState.__dataclass_fields__})
 
 
 def read_checkpoint_extra(ckpt: Path) -> dict[str, Any]:
-    with open(Path(ckpt) / TRAINER_STATE, encoding="utf-8") as f:
-        return json.load(f).get("extra", {})
+    return _trainer_state_json(ckpt).get("extra", {})
 
 
 def save_checkpoint(accelerator: Any, run_dir: Path, state: TrainerState, extra: dict[str, Any], keep: int) -> Path:
@@ -133,32 +148,80 @@ def export_model(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig, da
     tmp.rename(path)
 
 
+def is_checkpoint(path: str | Path) -> bool:
+    """True for a complete checkpoint folder (RUN/checkpoints/step-N with its trainer_state.json)."""
+    return (Path(path) / TRAINER_STATE).is_file()
+
+
 def find_export(model_path: str | Path) -> Path:
-    """A run folder (its export/, else best/) or an exported model folder, with a clear error."""
+    """A run folder (its export/, else best/), an exported model folder or a checkpoint folder, with a clear error."""
     p = Path(model_path)
     for candidate in (p, p / "export", p / "best"):
         if (candidate / EXPORT_META).exists() and (candidate / EXPORT_WEIGHTS).exists():
             return candidate
-    raise FileNotFoundError(f"{p} is not an exported model or a finished run folder (no {EXPORT_META} + "
-                            f"{EXPORT_WEIGHTS} in it, in export/ or in best/). Train one with "
-                            f"`mmer-dist train --config NAME --out RUN_DIR`, then pass RUN_DIR.")
+    if is_checkpoint(p):
+        return p
+    raise FileNotFoundError(f"{p} is not an exported model, a checkpoint folder or a finished run folder (no "
+                            f"{EXPORT_META} + {EXPORT_WEIGHTS} in it, in export/ or in best/, no {TRAINER_STATE}). "
+                            f"Train one with `mmer-dist train --config NAME --out RUN_DIR`, then pass RUN_DIR "
+                            f"(or RUN_DIR/{CHECKPOINT_DIR}/step-N).")
+
+
+def run_dir_of(model_dir: Path) -> Path:
+    """The run folder of an exported model (RUN/export, RUN/best) or of a checkpoint (RUN/checkpoints/step-N)."""
+    return model_dir.parent.parent if is_checkpoint(model_dir) else model_dir.parent
+
+
+def _strip_wrappers(key: str) -> str:
+    """A weight name as the bare model names it (DDP saves `module.`, torch.compile `_orig_mod.`)."""
+    for prefix in ("module.", "_orig_mod."):
+        key = key.removeprefix(prefix)
+    return key
+
+
+def _exported_parts(path: Path) -> tuple[ModelConfig, DataConfig, list[str], dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    fix = (f"restore the folder, or evaluate one of the run's checkpoints instead "
+           f"(--model RUN/{CHECKPOINT_DIR}/step-N)")
+    meta = read_json(path / EXPORT_META, fix=fix)
+    try:
+        parts = build(ModelConfig, meta["model"], "model"), build(DataConfig, meta["data"], "data"), list(meta["labels"])
+    except (KeyError, ConfigError) as e:
+        raise damaged(path / EXPORT_META, f"is not a {EXPORT_META} written by mmer_dist ({e})", fix) from None
+    return (*parts, load_file(str(path / EXPORT_WEIGHTS)))
+
+
+def _checkpoint_parts(ckpt: Path) -> tuple[ModelConfig, DataConfig, list[str], dict[str, torch.Tensor]]:
+    """A checkpoint's weights (the average when the run evaluated one), its run's configs, the label names."""
+    from safetensors.torch import load_file
+
+    from mmer_dist.shards.schema import load_index
+
+    cfg = config_from_file(run_dir_of(ckpt) / "config.yaml")
+    if not (ckpt / CHECKPOINT_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{ckpt} holds no {CHECKPOINT_WEIGHTS}" + (
+            " (DeepSpeed saved it: evaluate RUN/best or RUN/export, or convert it with DeepSpeed's zero_to_fp32.py)"
+            if (ckpt / "pytorch_model").is_dir() else "; it is not a checkpoint written by `mmer-dist train`"))
+    if cfg.train.ema_decay > 0 and (ckpt / CHECKPOINT_AVERAGE).is_file():
+        weights = torch.load(ckpt / CHECKPOINT_AVERAGE, weights_only=True)["shadow"]
+    else:
+        weights = load_file(str(ckpt / CHECKPOINT_WEIGHTS))
+    # checkpoints record their label names; older ones: the run's shards do
+    labels = read_checkpoint_extra(ckpt).get("labels") or list(load_index(cfg.data.shards).labels)
+    return cfg.model, cfg.data, labels, {_strip_wrappers(k): v for k, v in weights.items()}
 
 
 def load_exported(model_path: str | Path) -> tuple[torch.nn.Module, ModelConfig, DataConfig, list[str]]:
-    """Rebuild an exported model on CPU in eval mode: (model, model_cfg, data_cfg, labels)."""
-    from safetensors.torch import load_file
-
+    """Rebuild an exported model, or a checkpoint's, on CPU in eval mode: (model, model_cfg, data_cfg, labels)."""
     from mmer_dist.models import build_model
 
     path = find_export(model_path)
-    meta = json.loads((path / EXPORT_META).read_text(encoding="utf-8"))
-    model_cfg = build(ModelConfig, meta["model"], "model")
-    data_cfg = build(DataConfig, meta["data"], "data")
+    model_cfg, data_cfg, labels, weights = _checkpoint_parts(path) if is_checkpoint(path) else _exported_parts(path)
     model = build_model(model_cfg)
-    missing, unexpected = model.load_state_dict(load_file(str(path / EXPORT_WEIGHTS)), strict=False)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
-        raise RuntimeError(f"{path / EXPORT_WEIGHTS} does not match its {EXPORT_META}: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}; re-export the model with this version of mmer_dist")
+        raise damaged(path, f"holds weights that do not fit its config: missing {missing[:5]}, unexpected "
+                            f"{unexpected[:5]}", "evaluate another checkpoint or export of the run")
     model.eval()
-    return model, model_cfg, data_cfg, list(meta["labels"])
-
+    return model, model_cfg, data_cfg, labels

@@ -4,6 +4,7 @@
     fill_deepspeed_sizes(accelerator, model)               # ZeRO-3 "auto" buckets of a multimodal model
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)   # never the loaders
     model = rewrap_model(accelerator, model)               # after encoders were unfrozen (DDP)
+    bare = unwrap(accelerator, model)                      # without importing DeepSpeed when it is not used
     sd = full_state_dict(accelerator, model)               # a collective: ZeRO-3 shards gathered
 
 Accelerate creates the process group and prepares the model, the optimizer and the scheduler
@@ -102,6 +103,21 @@ def fill_deepspeed_sizes(accelerator: Any, model: torch.nn.Module) -> None:
             zero[key] = value
 
 
+def unwrap(accelerator: Any, model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model inside the DDP / torch.compile wrappers (Accelerate's `unwrap_model` under DeepSpeed).
+
+    Accelerate (1.15) `unwrap_model` -> `extract_model_from_parallel` imports deepspeed whenever it is
+    installed, only to test isinstance against DeepSpeedEngine; that import (DeepSpeed 0.19) probes the
+    accelerators and prints "Setting accelerator to CPU" in every run. A run without DeepSpeed has no
+    DeepSpeedEngine to unwrap, so it never calls it.
+    """
+    from mmer_dist.train.optim import bare_model
+
+    if accelerator.state.deepspeed_plugin is not None:
+        return accelerator.unwrap_model(model)
+    return bare_model(model)
+
+
 def rewrap_model(accelerator: Any, model: torch.nn.Module) -> torch.nn.Module:
     """Prepare the unwrapped model again after parameters became trainable (DDP only).
 
@@ -111,14 +127,16 @@ def rewrap_model(accelerator: Any, model: torch.nn.Module) -> torch.nn.Module:
     """
     if accelerator.num_processes == 1:
         return model
-    inner = accelerator.unwrap_model(model)
+    inner = unwrap(accelerator, model)
     accelerator._models = [m for m in accelerator._models if m is not model]
     return accelerator.prepare_model(inner)
 
 
 def full_state_dict(accelerator: Any, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Full state dict on the main rank (gathers ZeRO-3 shards; a collective on every rank)."""
-    return accelerator.get_state_dict(model)
+    if accelerator.state.deepspeed_plugin is not None:
+        return accelerator.get_state_dict(model)
+    return accelerator.get_state_dict(unwrap(accelerator, model), unwrap=False)   # no deepspeed import (unwrap)
 
 
 def param_checksum(model: torch.nn.Module) -> str:

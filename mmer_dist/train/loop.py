@@ -6,9 +6,10 @@
 `train` reads as the steps of a run; `Run` holds what they share. Every rank runs the same number
 of micro-batches per epoch (the rank loaders guarantee it, mmer_dist.data.loader), so collectives
 never wait on a rank that ran out of data. A SIGTERM/SIGUSR1 (Slurm's warning before a time limit
-or preemption) makes every rank agree to stop at the same step, save a checkpoint and exit cleanly;
-`resume=latest` continues exactly where it stopped (weights, optimizer, scheduler, RNG, the
-loader's position and the weight average are all in the checkpoint).
+or preemption) or a Ctrl-C makes every rank agree to stop at the same step, save a checkpoint and exit
+cleanly; `resume=latest` continues exactly where it stopped (weights, optimizer, scheduler, RNG, the
+loader's position and the weight average are all in the checkpoint; mmer_dist.train.resume says what a
+resume may change).
 """
 
 from __future__ import annotations
@@ -24,19 +25,19 @@ import torch
 
 from mmer_dist import dist
 from mmer_dist.config import Config
-from mmer_dist.presets import save_config
 from mmer_dist.shards.schema import ShardIndex, load_index, write_json_atomic
 from mmer_dist.train.checkpoint import (
     EXPORT_WEIGHTS, TrainerState, export_model, load_exported, read_checkpoint_extra, read_trainer_state,
-    resolve_resume, save_checkpoint,
+    save_checkpoint,
 )
 from mmer_dist.train.accounting import DataAccounting
 from mmer_dist.train.engine import (
-    build_accelerator, fill_deepspeed_sizes, full_state_dict, param_checksum, rewrap_model, whole_hf_models,
+    build_accelerator, fill_deepspeed_sizes, full_state_dict, param_checksum, rewrap_model, unwrap, whole_hf_models,
     zero_stage,
 )
 from mmer_dist.train.evaluation import evaluate, to_device
 from mmer_dist.train.metrics import HEADLINE, write_metrics
+from mmer_dist.train.resume import ResumePlan, plan_resume, record_start
 from mmer_dist.train.runlog import RunLog, environment_info
 from mmer_dist.train.stop import StoppedWaiting, StopRequest, requeue_if_slurm
 
@@ -49,9 +50,9 @@ def train(cfg: Config, run_dir: Path, index: ShardIndex | None = None) -> dict[s
     stop = StopRequest()
     stop.install()
     index = load_index(cfg.data.shards) if index is None else index
-    resume_from = dist.broadcast_object(resolve_resume(run_dir, cfg.train.resume)
-                                        if accelerator.is_main_process else None)
-    write_run_files(run_dir, cfg, accelerator)
+    plan = dist.broadcast_object(plan_resume(cfg, run_dir) if accelerator.is_main_process else None)
+    write_run_files(run_dir, cfg, accelerator, plan)
+    resume_from = plan.checkpoint
     run = Run(cfg, run_dir, accelerator, index,
               read_trainer_state(resume_from) if resume_from is not None else TrainerState())
     if resume_from is not None:
@@ -59,7 +60,7 @@ def train(cfg: Config, run_dir: Path, index: ShardIndex | None = None) -> dict[s
     outcome = run.fit(stop)
     if outcome != "done":
         run.log.close()
-        requeue_if_slurm(accelerator.is_main_process)
+        requeue_if_slurm(accelerator.is_main_process, stop.signum)
         return {"stopped": True, "stalled": outcome == "stalled", "step": run.state.step}
     metrics = run.finish()
     accelerator.end_training()
@@ -83,11 +84,12 @@ def check_elastic_resume(checkpoint: Path, saved: int, world: int, stage: int | 
             f"data.loader=map (exact elastic resume), or start a new run from the exported weights")
 
 
-def write_run_files(run_dir: Path, cfg: Config, accelerator: Any) -> None:
-    """config.yaml (the resolved config) and env.json, on the main rank, before anything trains."""
+def write_run_files(run_dir: Path, cfg: Config, accelerator: Any, plan: ResumePlan) -> None:
+    """config.yaml (first start) or a resumes.jsonl line (later starts), and env.json, on the main rank,
+    before anything trains (mmer_dist.train.resume)."""
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        for line in record_start(run_dir, cfg, plan):
+            print(line, flush=True)
         (run_dir / "env.json").write_text(json.dumps(environment_info(accelerator), indent=1))
     accelerator.wait_for_everyone()
 
@@ -116,8 +118,13 @@ class Run:
         self.loss_fn = build_loss(cfg.loss, self.train_loader.class_counts).to(device)   # weights are buffers
         self.steps_per_epoch = max(1, len(self.train_loader) // cfg.train.grad_accum)
         # The schedule's length is fixed when the run starts; a resumed run (on any number of ranks) keeps it.
-        self.total_steps = state.total_steps or cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
-        state.total_steps = self.total_steps
+        # The run's length is fixed when it starts: a resume on another number of ranks (other steps per epoch)
+        # keeps it; a resume that asks for another length (train.epochs / max_steps) takes the new one.
+        length = [cfg.train.epochs, cfg.train.max_steps]
+        if not state.total_steps or state.length != length:
+            state.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+            state.length = length
+        self.total_steps = state.total_steps
         self.accounting = DataAccounting(self.train_loader, state, cfg.data.max_skip_fraction)
 
         optimizer = build_optimizer(model, cfg.optim)
@@ -148,7 +155,7 @@ class Run:
 
     @property
     def unwrapped(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.model)
+        return unwrap(self.accelerator, self.model)
 
     def averaged(self) -> Any:
         """A context in which the model holds the weight average (train.ema_decay > 0), else a no-op."""
@@ -208,8 +215,8 @@ class Run:
                 if stop.agreed(self.accelerator.device):
                     self.checkpoint()
                     if self.main:
-                        self.bar.write(f"signal {stop.signum} received: checkpoint saved at step {state.step}; "
-                                       f"run again with resume=latest to continue")
+                        self.bar.write(f"{stop.name} received: checkpoint saved at step {state.step}; "
+                                       f"run the same command with resume=latest to continue")
                     self.bar.close()
                     return "stopped"
                 if state.step % self.checkpoint_every == 0 or state.step >= self.total_steps:
@@ -228,7 +235,7 @@ class Run:
         if self.world == 1:
             self.checkpoint()
         last = complete_checkpoints(self.run_dir)
-        print(f"signal {stop.signum} received while waiting for data at step {self.state.step} (the loader delivered "
+        print(f"{stop.name} received while waiting for data at step {self.state.step} (the loader delivered "
               f"nothing; see data.loader_timeout_s): stopped. Last complete checkpoint: "
               f"{last[-1] if last else 'none'}; run again with resume=latest to continue from it", file=sys.stderr,
               flush=True)
@@ -285,7 +292,10 @@ class Run:
             self.evaluate_and_select()
 
     def log_train(self) -> None:
-        """The mean loss since the last line (over ranks), learning rate and throughput."""
+        """The mean loss since the last line (over ranks), the learning rate of each component (`lr/fusion`,
+        `lr/text`, ...: the fusion/head and every trainable encoder) and throughput."""
+        from mmer_dist.train.optim import group_lrs
+
         now = time.time()
         totals = dist.all_reduce_sum(self._window)
         mean_loss = float(totals[0] / max(totals[1].item(), 1.0))
@@ -293,7 +303,7 @@ class Run:
         read, skipped, degraded = self.accounting.running()
         self.accounting.check(read, skipped)
         self.log.write({"step": self.state.step, "epoch": self.state.epoch, "split": "train", "loss": mean_loss,
-                        "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate,
+                        **{f"lr/{k}": v for k, v in group_lrs(self.optimizer).items()}, "samples_per_s": rate,
                         "samples_read": read, "skipped": skipped, "degraded": degraded})
         self.bar.set_postfix(loss=f"{mean_loss:.3f}", samples_s=f"{rate:.0f}", refresh=False)
         self._t_last, self._seen_last = now, self.state.samples_seen
@@ -325,7 +335,7 @@ class Run:
 
     def checkpoint(self) -> None:
         self.accounting.store(self.state)          # the run's data counts, summed over ranks
-        extra = {"loader": self.train_loader.state_dict(), "world_size": self.world}
+        extra = {"loader": self.train_loader.state_dict(), "world_size": self.world, "labels": list(self.labels)}
         save_checkpoint(self.accelerator, self.run_dir, self.state, extra, self.cfg.train.keep_checkpoints)
 
     # ---- the end

@@ -3,6 +3,7 @@
     groups = param_groups(model, cfg.optim)                 # encoders at encoder_lr, the rest at lr
     optimizer = build_optimizer(model, cfg.optim)           # AdamW over those groups
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)   # linear warmup + cosine
+    group_lrs(optimizer)                                    # {"text": 1e-4, "fusion": 1e-3}: log.jsonl's lr/<name>
 
 Parameter groups: one pair per component - each encoder ("text", "audio", "video") and "fusion"
 (fusion transformer + head) - split into "decay" and "no_decay" (biases, norm weights, every
@@ -41,7 +42,7 @@ FUSION = "fusion"
 """Component name of everything that is not an encoder (fusion transformer and head)."""
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
+def bare_model(module: nn.Module) -> nn.Module:
     """The model inside DDP / Accelerate / torch.compile wrappers."""
     while True:
         inner = getattr(module, "module", None)
@@ -60,7 +61,7 @@ def component_of(name: str) -> str:
 
 def param_groups(model: nn.Module, cfg: OptimConfig, only: Iterable[nn.Parameter] | None = None) -> list[dict[str, Any]]:
     """AdamW groups for the trainable parameters of `model` (or of `only` among them), in a fixed order."""
-    model = _unwrap(model)
+    model = bare_model(model)
     no_decay_names = set(getattr(model, "no_weight_decay", lambda: set())())
     wanted = None if only is None else {id(p) for p in only}
     groups: dict[str, dict[str, Any]] = {}
@@ -80,6 +81,15 @@ def param_groups(model: nn.Module, cfg: OptimConfig, only: Iterable[nn.Parameter
     # Canonical order: components as they appear in the model (encoders, then fusion), decay before no_decay.
     components = list(dict.fromkeys(k.split("/")[0] for k in groups))
     return sorted(groups.values(), key=lambda g: (components.index(g["name"].split("/")[0]), g["name"].endswith("/no_decay")))
+
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The current learning rate of each component ("text", "audio", "video", "fusion": fusion + head), from
+    the groups' names; the decay and no_decay groups of a component share it. Frozen encoders have no group."""
+    lrs: dict[str, float] = {}
+    for i, group in enumerate(optimizer.param_groups):
+        lrs.setdefault(str(group.get("name", f"group{i}")).split("/")[0], float(group["lr"]))
+    return lrs
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, torch_adam: bool = True) -> torch.optim.Optimizer:
@@ -141,7 +151,7 @@ def apply_freeze_schedule(model: nn.Module, cfg: ModelConfig, step: int) -> bool
 
     Idempotent; encoders with freeze=true and unfreeze_after_steps=0 stay frozen for good.
     """
-    model = _unwrap(model)
+    model = bare_model(model)
     changed = False
     for m, encoder in getattr(model, "encoders", {}).items():
         enc_cfg = getattr(cfg, m)
@@ -160,7 +170,7 @@ def add_unfrozen_params(optimizer: torch.optim.Optimizer, model: nn.Module, cfg:
     multiplier right away and follow its curve from then on.
     """
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    new = [p for p in _unwrap(model).parameters() if p.requires_grad and id(p) not in held]
+    new = [p for p in bare_model(model).parameters() if p.requires_grad and id(p) not in held]
     if not new:
         return []
     groups = param_groups(model, cfg, only=new)

@@ -2,6 +2,7 @@
 
     cfg = resolve_for_shards(cfg, index)          # the model sized to the shards' label set
     preflight(cfg, run_dir, index)                # ConfigError / FileNotFoundError / KeyError otherwise
+                                                  # (a resume that changes the run's config, too)
 
 Run by `python -m mmer_dist.train` on every rank before `train()` starts the process group, so a
 bad config never leaves N processes waiting on each other.
@@ -66,10 +67,12 @@ def preflight(cfg: Config, run_dir: Path, index: ShardIndex) -> None:
     _check_epoch(cfg, train, _train_samples(cfg, index, train))
     _check_deepspeed(cfg)
     from mmer_dist.train.checkpoint import complete_checkpoints
+    from mmer_dist.train.resume import plan_resume
 
     if not cfg.train.resume and complete_checkpoints(run_dir):
         raise ConfigError(f"{run_dir} already holds checkpoints of a run; pass resume=latest to continue it, "
                           f"or choose a new --out")
+    plan_resume(cfg, run_dir)     # a resume may not change the run's config (model, data, ...): refused here
 
 
 def _check_splits(cfg: Config, index: ShardIndex) -> tuple[str, str]:

@@ -1,10 +1,11 @@
 """What a run writes about itself: log.jsonl and TensorBoard scalars, and the environment report.
 
     log = RunLog(run_dir, enabled=accelerator.is_main_process)
-    log.write({"step": 10, "epoch": 0, "split": "train", "loss": 1.9, "lr": 1e-3})
+    log.write({"step": 10, "epoch": 0, "split": "train", "loss": 1.9, "lr/fusion": 1e-3, "lr/text": 1e-4})
     (run_dir / "env.json").write_text(json.dumps(environment_info(accelerator)))
 
-Every numeric field of a record becomes the TensorBoard scalar `{split}/{field}` at its step.
+Every numeric field of a record becomes the TensorBoard scalar `{split}/{field}` at its step (`lr/fusion`
+of a train record: `train/lr/fusion`).
 """
 
 from __future__ import annotations

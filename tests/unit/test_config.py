@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -53,13 +55,18 @@ def test_wrong_type_names_the_key():
 @pytest.mark.parametrize("override, message", [
     ("sampler.weighting=balanced", "sampler.weighting='balanced' is not valid"),
     ("fusion.width=1", "unknown config key"),
-    ("model.fusion.width=30", "divisible by fusion.heads"),
+    ("model.fusion.width=30", "model.fusion.width=30 must be divisible by model.fusion.heads=4"),
     ("data.modalities=[smell]", "data.modalities item='smell'"),
     ("sampler.weighting=manual", "needs sampler.class_weights"),
     ("train.grad_accum=0", "train.grad_accum=0 must be >= 1"),
+    ("optim.encoder_lr=-1", "optim.encoder_lr=-1.0 must be >= 0"),
+    ("train.eval_every=-2", "train.eval_every=-2 must be >= 0 (0 = at the end of every epoch)"),
+    ("model.audio.dim=-3", "model.audio: dim=-3 must be >= 0"),
+    ("model.text.kind=cnn", "model.text: kind='cnn' is not valid; choose one of hf, scratch, cached"),
+    ("data.modalities=[text", "not valid YAML; quote it or fix the brackets"),
 ])
 def test_validation_messages_say_what_to_change(override, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, [override])
 
 
@@ -106,3 +113,22 @@ def test_global_batch_derives_the_per_rank_batch_and_accumulation():
     with pytest.raises(ConfigError, match="leave train.grad_accum at 1"):
         resolve_for_world(load_config("debug", ["data.global_batch_size=32", "train.grad_accum=2"]), 1)
     assert resolve_for_world(load_config("debug"), 4).data.batch_size == 8          # off: per-rank as given
+def test_a_negative_length_names_its_own_field_not_the_warmup():
+    with pytest.raises(ConfigError) as e:
+        load_config("debug", ["train.max_steps=-5"])
+    assert str(e.value) == "train.max_steps=-5 must be >= 0 (0 = train.epochs x steps per epoch)"
+    assert "warmup" not in str(e.value)
+
+
+def test_a_damaged_preset_or_config_yaml_names_the_file(tmp_path):
+    from mmer_dist.jsonio import DamagedFileError
+
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("optim: {lr: [1e-3\n")
+    with pytest.raises(DamagedFileError, match=re.escape(str(bad)) + " is not valid YAML .*a preset is a YAML mapping"):
+        load_config(str(bad))
+    run_config = tmp_path / "config.yaml"
+    run_config.write_text("- just\n- a list\n")
+    with pytest.raises(DamagedFileError, match=re.escape(f"{run_config} holds list where an object / mapping was "
+                                                         f"expected; it is the config of the run that wrote it")):
+        config_from_file(run_config)

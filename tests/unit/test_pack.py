@@ -344,7 +344,7 @@ def test_worker_survives_unreadable_and_broken_files(tmp_path: Path) -> None:
 
 def test_ravdess_zero_length_wav_and_inspect_counts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root = tmp_path / "raw"
-    write_corpus("ravdess", root, n=24, seed=0, n_actors=4, video=False)
+    write_corpus("ravdess", root, n=32, seed=0, n_actors=4, video=False)
     wavs = sorted(root.rglob("03-*.wav"))
     wavs[0].write_bytes(b"")                              # zero-length: audio-only RAVDESS keeps text only
     utts, report = read_corpus("ravdess", root, strict=False)

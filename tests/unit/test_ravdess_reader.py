@@ -12,7 +12,7 @@ import pytest
 
 from mmer_dist.corpora import read_corpus
 from mmer_dist.corpora.labels import RAVDESS_LABELS
-from mmer_dist.corpora.ravdess import STATEMENTS, parse_name, read_ravdess, split_actors
+from mmer_dist.corpora.ravdess import EMPTY_AUDIO_FALLBACK, STATEMENTS, parse_name, read_ravdess, split_actors
 
 
 def touch(root: Path, name: str) -> Path:
@@ -120,6 +120,20 @@ def test_av_preferred_over_video_only_for_video(tmp_path: Path) -> None:
     a = touch(tmp_path, "03-01-02-01-01-01-05.wav")
     (u,), _ = read_ravdess(tmp_path, test_actors=[5])
     assert (u.audio_path, u.video_path, u.meta["modality"]) == (a, av, "01+02+03")
+
+
+def test_empty_audio_only_file_falls_back_to_a_non_empty_av_mp4(tmp_path: Path) -> None:
+    wav = touch(tmp_path, "03-01-02-01-01-01-05.wav")                 # zero bytes
+    av = touch(tmp_path, "01-01-02-01-01-01-05.mp4")
+    av.write_bytes(b"an AV clip")
+    wav2 = touch(tmp_path, "03-01-03-01-01-01-05.wav")                # zero bytes, and so is its mp4
+    touch(tmp_path, "01-01-03-01-01-01-05.mp4")
+    utts, report = read_ravdess(tmp_path, test_actors=[5])
+    by_key = {u.key: u for u in utts}
+    assert by_key["ravdess-01-02-01-01-01-05"].audio_path == av        # like a missing wav
+    assert by_key["ravdess-01-03-01-01-01-05"].audio_path == wav2      # nothing better: the packer counts it
+    assert report.degraded == {EMPTY_AUDIO_FALLBACK: 1} and not report.skipped
+    assert report.examples[EMPTY_AUDIO_FALLBACK] == [f"{wav}: 0 bytes; audio taken from {av.name}"]
 
 
 def test_duplicate_recording_is_an_error(tmp_path: Path) -> None:

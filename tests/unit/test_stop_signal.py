@@ -1,4 +1,5 @@
-"""SIGTERM and SIGUSR1 (what Slurm sends before a time limit or preemption) ask the loop to stop."""
+"""SIGTERM and SIGUSR1 (what Slurm sends before a time limit or preemption) and SIGINT ask the loop to stop;
+only SIGTERM/SIGUSR1 requeue a Slurm job."""
 
 from __future__ import annotations
 
@@ -8,19 +9,27 @@ import signal
 import pytest
 import torch
 
-from mmer_dist.train.stop import StopRequest
+from mmer_dist.train import stop as stop_module
+from mmer_dist.train.stop import STOP_SIGNALS, StopRequest, handlers_restored, requeue_if_slurm
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_stop_request_catches_slurm_signals(sig):
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+def test_stop_request_catches_stop_signals(sig):
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    with handlers_restored():
         stop = StopRequest()
         stop.install()
         assert not stop.agreed(torch.device("cpu"))
         os.kill(os.getpid(), sig)
-        assert stop.signum == sig
+        assert stop.signum == sig and stop.name == signal.Signals(sig).name
         assert stop.agreed(torch.device("cpu"))
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    assert {s: signal.getsignal(s) for s in STOP_SIGNALS} == before      # the caller's handlers are back
+
+
+@pytest.mark.parametrize("sig, requeued", [(signal.SIGTERM, True), (signal.SIGINT, False)])
+def test_only_a_slurm_stop_requeues(monkeypatch, sig, requeued):
+    calls = []
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setattr(stop_module.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    requeue_if_slurm(True, sig)
+    assert calls == ([["scontrol", "requeue", "42"]] if requeued else [])

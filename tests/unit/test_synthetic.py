@@ -21,6 +21,8 @@ from mmer_dist.corpora.synthetic import (
     MELD_CLIP_DIR,
     MELD_CSV,
     MELD_PROPORTIONS,
+    build_parser,
+    min_n,
     write_corpus,
     write_meld,
     write_ravdess,
@@ -311,13 +313,44 @@ def test_bad_options_are_explained(tmp_path: Path, kwargs: dict, message: str) -
 def test_cli_synth(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from mmer_dist.cli import main
 
-    assert main(["synth", "ravdess", "--out", str(tmp_path / "raw"), "--n", "8", "--no-video"]) == 0
+    assert main(["synth", "ravdess", "--out", str(tmp_path / "raw"), "--n", "96", "--no-video"]) == 0
     out = capsys.readouterr().out
     assert "RAVDESS" in out and "no video" in out
-    # default 12 actors; n=8 rounds up to one utterance per actor
+    # default 12 actors; n=96 is 8 utterances per actor: every emotion once per actor
     assert len(list((tmp_path / "raw").glob("Actor_*"))) == 12
-    assert len(list((tmp_path / "raw").glob("Actor_*/03-01-*.wav"))) == 12
+    wavs = list((tmp_path / "raw").glob("Actor_*/03-01-*.wav"))
+    assert len(wavs) == 96 and len({w.name.split("-")[2] for w in wavs}) == 8
     assert not list((tmp_path / "raw").rglob("*.mp4"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["meld", "--n", "60"], "--n 60 is too small for a synthetic meld corpus: each of the 7 classes needs 3 "
+                            "utterances in each of the 3 splits; use --n >= 63"),
+    (["meld", "--n", "0"], "--n 0 is too small for a synthetic meld corpus"),
+    (["ravdess", "--n", "48"], "--n 48 is too small for a synthetic ravdess corpus: splits are by actor, so each "
+                               "of the 12 actors needs all 8 emotions; use --n >= 96"),
+    (["ravdess", "--n", "721"], "--n 721 is too large for a synthetic ravdess corpus: 12 actors x 60 speech "
+                                "utterances = 720; use --n <= 720"),
+])
+def test_cli_synth_refuses_an_n_that_misses_classes(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                    args: list[str], message: str) -> None:
+    from mmer_dist.cli import main
+
+    assert main(["synth", *args, "--out", str(tmp_path / "raw")]) == 2
+    assert f"mmer-dist synth: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "raw").exists()                        # nothing written
+    assert f">= {min_n('meld')}" in build_parser().format_help()    # the minimum is documented in --help
+
+
+def test_cli_synth_into_a_non_empty_folder_is_a_named_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mmer_dist.cli import main
+
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "keep.txt").write_text("mine")
+    assert main(["synth", "meld", "--out", str(tmp_path / "raw"), "--n", "63"]) == 2
+    err = capsys.readouterr().err
+    assert f"mmer-dist synth: {tmp_path / 'raw'} is not empty" in err and "choose another --out" in err
+    assert "Traceback" not in err and [p.name for p in (tmp_path / "raw").iterdir()] == ["keep.txt"]
 
 
 # --------------------------------------------------------------------------- helpers for other tests
