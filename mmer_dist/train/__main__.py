@@ -16,6 +16,7 @@ from pathlib import Path
 from mmer_dist.config import Config, ConfigError
 from mmer_dist.jsonio import DamagedFileError
 from mmer_dist.presets import CONFIG_DIR, dump_config, load_config
+from mmer_dist.shards.schema import IndexFormatError, load_index
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,13 +74,12 @@ def _start(args: argparse.Namespace) -> int:
             print(dump_config(cfg), end="")
             return 0
         from mmer_dist.dist import world_info
-        from mmer_dist.shards.schema import load_index
         from mmer_dist.train.preflight import preflight, resolve_for_shards, resolve_for_world
 
         index = load_index(cfg.data.shards)
         cfg = resolve_for_world(resolve_for_shards(cfg, index), world_info().world_size)
         preflight(cfg, run_dir, index)
-    except (ConfigError, DamagedFileError, FileNotFoundError, KeyError) as e:
+    except (ConfigError, DamagedFileError, IndexFormatError, FileNotFoundError, KeyError) as e:
         return _user_error(e)
     from mmer_dist.data.loader import DataError
     from mmer_dist.lifecycle import RunLock, RunLockedError, die_with_parent, launched_by_torchrun

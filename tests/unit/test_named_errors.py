@@ -79,16 +79,14 @@ def test_damaged_pack_json_is_named_by_pack_and_inspect(shards_copy: Path, synth
     assert "pack.json is not valid JSON" in _errors(capsys)
 
 
-def test_damaged_stats_file_is_named_by_train_inspect_and_pack_and_the_fix_works(shards_copy: Path, synth_meld_raw: Path,
+def test_damaged_stats_file_is_named_by_inspect_and_pack_and_the_fix_works(shards_copy: Path, synth_meld_raw: Path,
                                                        synth_meld_shards: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     shard = sorted(p.name for p in shards_copy.glob("meld-train-*.tar"))[1]
     stats = shards_copy / stats_name(shard)
     good = stats.read_bytes()
     stats.write_bytes(good[:40])                                    # truncated
-    run = shards_copy.parent / "run"
-    assert cli_main(["train", "--config", "debug", "--shards", str(shards_copy), "--out", str(run)]) == 2
-    assert f"mmer-dist train: {stats} is not valid JSON" in _errors(capsys)      # read when the loaders start
+    # training reads the compact index, not the stats files; inspect of an unmerged pack and the merge do
     (shards_copy / "index.json").unlink()                           # an unmerged (interrupted) pack
     assert cli_main(["inspect", str(shards_copy)]) == 2
     err = _errors(capsys)

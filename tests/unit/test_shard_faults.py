@@ -167,3 +167,35 @@ def test_elastic_resume_of_a_stream_is_refused_with_the_choices(tiny, tmp_path):
         check_elastic_resume(tmp_path, 2, 3, None, cfg)
     with pytest.raises(ValueError, match="universal"):
         check_elastic_resume(tmp_path, 2, 3, 2, Config())
+
+
+def test_old_index_names_the_upgrade_and_reindex_upgrades_it(synth_meld_shards, tmp_path, capsys):
+    """A folder of index format 1 (every sample's key and label in index.json, no speakers in the stats):
+    every reader names `mmer-dist reindex`; reindex rebuilds the same compact index as a fresh pack."""
+    from mmer_dist.cli import main as cli_main
+    from mmer_dist.shards.schema import Samples, load_index
+
+    root = _copy(synth_meld_shards, tmp_path / "old")
+    index = json.loads((root / "index.json").read_text())
+    index["schema_version"] = 1                              # what an older version wrote
+    for split in index["splits"].values():
+        split["keys"], split["labels"] = ["?"] * split.get("sizes", [0])[0], [0]
+        for k in ("shard_bytes", "shard_classes"):
+            split.pop(k)
+    (root / "index.json").write_text(json.dumps(index))
+    shutil.rmtree(root / "samples")
+    for stats in root.glob("*.stats.json"):
+        data = json.loads(stats.read_text())
+        for s in data["samples"]:
+            s.pop("speaker"), s.pop("group")
+        stats.write_text(json.dumps(data))
+    assert cli_main(["inspect", str(root)]) == 2
+    assert f"mmer-dist reindex {root}" in capsys.readouterr().err
+    assert train_main([*TRAIN, "--shards", str(root), "--out", str(tmp_path / "run")]) == 2
+    assert "mmer-dist reindex" in capsys.readouterr().err
+    assert cli_main(["reindex", str(root)]) == 0
+    new, ref = load_index(root), load_index(synth_meld_shards)
+    assert new.to_json() == ref.to_json()
+    for split, si in ref.splits.items():
+        for col in ("shard", "offset", "size", "label", "speaker", "group", "duration"):
+            assert (Samples(root, split, si.num_samples)[col] == Samples(synth_meld_shards, split, si.num_samples)[col]).all()
