@@ -102,11 +102,15 @@ def load_predictions(where: str | Path) -> Predictions:
     """Predictions of an evaluation folder, a run folder or a metrics.json (predictions.jsonl beside it)."""
     metrics_path = resolve_metrics_path(where)
     path = metrics_path.parent / PREDICTIONS
+    metrics = load_metrics(metrics_path)
     if not path.is_file():
+        folder = metrics_path.parent
+        is_run = (folder / "config.yaml").is_file()
+        split = metrics.get("split", "SPLIT")
         raise FileNotFoundError(
             f"no {PREDICTIONS} beside {metrics_path}; the paired bootstrap and ensembles need per-sample "
-            f"predictions: run `mmer-dist eval --model RUN --shards SHARDS --split SPLIT --out {metrics_path.parent}`")
-    metrics = load_metrics(metrics_path)
+            f"predictions: run `mmer-dist eval --model {folder if is_run else 'RUN'} --shards SHARDS --split {split} "
+            f"--out {folder / f'eval-{split}' if is_run else folder}`")
     rows = sorted(_read_rows(path), key=lambda r: str(r["key"]))
     labels = list(metrics.get("labels") or rows[0]["probabilities"].keys())
     index = {name: i for i, name in enumerate(labels)}
@@ -153,6 +157,10 @@ def ensemble(sets: Sequence[Predictions], names: Sequence[str] | None = None) ->
 
 def pool(sets: Sequence[Predictions]) -> Predictions:
     """Disjoint prediction sets (the folds of one seed) as one set, every sample once."""
+    odd = next((p for p in sets if p.labels != sets[0].labels), None)
+    if odd is not None:
+        raise SampleMismatchError(f"{odd.source} predicts {odd.labels} but {sets[0].source} {sets[0].labels}: "
+                                  f"folds of one sweep must share the label set")
     keys = [k for p in sets for k in p.keys]
     if len(set(keys)) != len(keys):
         seen: set[str] = set()

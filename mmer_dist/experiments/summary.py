@@ -135,7 +135,7 @@ def ensemble_block(runs: Sequence[SweepRun], dirs: dict[str, Path]) -> dict[str,
 
     preds = _predictions(runs, dirs)
     if isinstance(preds, str):
-        return {"note": f"no ensemble: {preds}"}
+        return {"note": preds}
     per_fold = [ensemble([preds[r.name] for r in members], [r.name for r in members])
                 for members in _folds(runs).values()]
     folds = len(per_fold)
@@ -155,7 +155,7 @@ def pooled_block(runs: Sequence[SweepRun], dirs: dict[str, Path]) -> dict[str, A
         return None
     preds = _predictions(runs, dirs)
     if isinstance(preds, str):
-        return {"note": f"no pooled figure: {preds}"}
+        return {"note": preds}
     seeds = sorted({r.seed for r in runs})
     scored = []
     for s in seeds:
@@ -191,6 +191,8 @@ def split_block(runs: Sequence[SweepRun], split: str) -> dict[str, Any] | None:
     if pooled is not None:
         block["pooled"] = pooled
     block["selection"] = selection_block(have, metrics, split)
+    block["per_run"] = {name: {"macro_f1": m["macro_f1"], "f1": {c: v["f1"] for c, v in m["per_class"].items()}}
+                        for name, m in metrics.items()}
     block["missing"] = [r.name for r in runs if r.name not in dirs]
     block["evaluations"] = {name: str(d) for name, d in dirs.items()}
     return block
@@ -234,7 +236,7 @@ def format_block(block: dict[str, Any], split: str, title: str = "") -> list[str
     lines += [f"  {k:<22}{_fmt(s)}" for k, s in block["metrics"].items()]
     lines += [f"  {'f1/' + name:<22}{_fmt(c['f1'])}" for name, c in block["per_class"].items()]
     ens = block["ensemble"]
-    lines.append(f"  ensemble: {ens['note']}" if "metrics" not in ens else
+    lines.append(f"  no ensemble: {ens['note']}" if "metrics" not in ens else
                  f"  ensemble of {ens['members']}: macro_f1 {ens['metrics']['macro_f1']:.4f}")
     if "pooled" in block and "metrics" in block["pooled"]:
         lines.append(f"  pooled over folds ({block['pooled']['n']} samples): macro_f1 "
@@ -258,30 +260,32 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def _panel(ax: Any, blocks: dict[str, dict[str, Any]], split: str) -> None:
+    """One split: per class, a bar per variant (mean), its 95% interval (clipped to [0, 1]), the runs, the ensemble."""
     import numpy as np
 
-    names = [v for v in blocks]
     labels = list(next(iter(blocks.values()))["per_class"])
-    width = 0.8 / len(names)
+    width = 0.8 / len(blocks)
     x = np.arange(len(labels))
-    for i, v in enumerate(names):
-        pc = blocks[v]["per_class"]
+    for i, (variant, b) in enumerate(blocks.items()):
         pos = x - 0.4 + width * (i + 0.5)
-        mean = np.array([pc[c]["f1"]["mean"] for c in labels])
-        ci = [pc[c]["f1"]["ci95"] for c in labels]
-        err = np.array([[m - c[0], c[1] - m] if c else [0.0, 0.0] for m, c in zip(mean, ci)]).T
-        ax.bar(pos, mean, width, yerr=err, capsize=3, alpha=0.8, label=v or None)
-        ens = blocks[v]["ensemble"]
-        if "per_class" in ens:
-            ax.plot(pos, [ens["per_class"][c]["f1"] for c in labels], "D", color="black", markersize=4,
+        mean = np.array([b["per_class"][c]["f1"]["mean"] for c in labels])
+        ci = np.array([b["per_class"][c]["f1"]["ci95"] or [m, m] for c, m in zip(labels, mean)]).clip(0, 1)
+        ax.bar(pos, mean, width, yerr=[mean - ci[:, 0], ci[:, 1] - mean], capsize=3, alpha=0.7, label=variant or None)
+        for run in b["per_run"].values():
+            ax.plot(pos, [run["f1"][c] for c in labels], ".", color="dimgrey", markersize=4)
+        if "per_class" in b["ensemble"]:
+            ax.plot(pos, [b["ensemble"]["per_class"][c]["f1"] for c in labels], "D", color="black", markersize=4,
                     label="ensemble" if i == 0 else None)
     chosen = any(b["selection"]["chosen_on_this_split"] for b in blocks.values())
-    macro = " / ".join(_fmt(b["metrics"]["macro_f1"]).split("  ")[0] for b in blocks.values())
-    ax.set_title(f"{split}: macro-F1 {macro}" + ("\n* checkpoints chosen on this split (optimistic)" if chosen else ""))
+    macro = " | ".join(_fmt(b["metrics"]["macro_f1"]) for b in blocks.values())
+    runs = " | ".join(str(b["runs"]) for b in blocks.values())
+    ax.set_title(f"{split} ({runs} runs): macro-F1 {macro}"
+                 + ("\n* checkpoints chosen on this split: optimistic" if chosen else ""), fontsize=9)
     ax.set_xticks(x, labels, rotation=30, ha="right")
     ax.set_ylim(0, 1.1)
-    ax.set_ylabel("F1 (mean, 95% CI over runs)")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.set_ylabel("F1: mean, 95% CI over runs (dots: runs)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper right", fontsize=8)
 
 
 def plot_summary(summary: dict[str, Any], path: str | Path) -> "Figure":
