@@ -129,26 +129,40 @@ def _predictions(runs: Sequence[SweepRun], dirs: dict[str, Path]) -> dict[str, "
         return str(e)
 
 
+def _disjoint(sets: Sequence["Predictions"]) -> bool:
+    keys = [k for p in sets for k in p.keys]
+    return len(set(keys)) == len(keys)
+
+
 def ensemble_block(runs: Sequence[SweepRun], dirs: dict[str, Path]) -> dict[str, Any]:
-    """The members' mean probabilities per sample, scored; fold sweeps: per fold, then pooled."""
+    """The members' mean probabilities per sample, scored; fold sweeps: per fold, then pooled (held-out
+    folds are disjoint; dev sets carved from each fold's training speakers may not be: scored per fold)."""
     from mmer_dist.experiments.predictions import ensemble, pool
 
     preds = _predictions(runs, dirs)
     if isinstance(preds, str):
         return {"note": preds}
-    per_fold = [ensemble([preds[r.name] for r in members], [r.name for r in members])
-                for members in _folds(runs).values()]
-    folds = len(per_fold)
-    members = len(runs) // folds
-    out: dict[str, Any] = {"members": members, **({"folds": folds} if folds > 1 else {}),
-                           **score(pool(per_fold) if folds > 1 else per_fold[0])}
+    groups = _folds(runs)
+    per_fold = {fold: ensemble([preds[r.name] for r in members], [r.name for r in members])
+                for fold, members in groups.items()}
+    members = len(runs) // len(groups)
+    out: dict[str, Any] = {"members": members}
+    if len(groups) == 1:
+        out.update(score(next(iter(per_fold.values()))))
+    elif _disjoint(list(per_fold.values())):
+        out.update({"folds": len(groups), **score(pool(list(per_fold.values())))})
+    else:
+        out.update({"folds": len(groups), "per_fold": {str(f): score(e) for f, e in per_fold.items()},
+                    "note": "the folds' samples overlap (dev carved from each fold's training speakers): "
+                            "each fold's ensemble is scored on its own"})
     if members == 1:
         out["note"] = "one member per fold: the ensemble is the run itself"
     return out
 
 
 def pooled_block(runs: Sequence[SweepRun], dirs: dict[str, Path]) -> dict[str, Any] | None:
-    """Fold sweeps: each seed's folds pooled (every sample tested once), scored, described over seeds."""
+    """Fold sweeps on held-out folds: each seed's folds pooled (every sample tested once), scored,
+    described over seeds. None without folds or when the folds' samples overlap (dev)."""
     from mmer_dist.experiments.predictions import pool
 
     if len(_folds(runs)) < 2:
@@ -157,12 +171,11 @@ def pooled_block(runs: Sequence[SweepRun], dirs: dict[str, Path]) -> dict[str, A
     if isinstance(preds, str):
         return {"note": preds}
     seeds = sorted({r.seed for r in runs})
-    scored = []
-    for s in seeds:
-        m = score(pool([preds[r.name] for r in runs if r.seed == s]))
-        scored.append({**m["metrics"], "per_class": m["per_class"]})
-    n = sum(preds[r.name].n for r in runs if r.seed == seeds[0])
-    return {"seeds": len(seeds), "n": n, **spread_block(scored)}
+    by_seed = {s: [preds[r.name] for r in runs if r.seed == s] for s in seeds}
+    if not all(_disjoint(sets) for sets in by_seed.values()):
+        return None
+    scored = [{**m["metrics"], "per_class": m["per_class"]} for m in (score(pool(sets)) for sets in by_seed.values())]
+    return {"seeds": len(seeds), "n": sum(p.n for p in by_seed[seeds[0]]), **spread_block(scored)}
 
 
 def selection_block(runs: Sequence[SweepRun], metrics: dict[str, dict[str, Any]], split: str) -> dict[str, Any]:
@@ -236,8 +249,13 @@ def format_block(block: dict[str, Any], split: str, title: str = "") -> list[str
     lines += [f"  {k:<22}{_fmt(s)}" for k, s in block["metrics"].items()]
     lines += [f"  {'f1/' + name:<22}{_fmt(c['f1'])}" for name, c in block["per_class"].items()]
     ens = block["ensemble"]
-    lines.append(f"  no ensemble: {ens['note']}" if "metrics" not in ens else
-                 f"  ensemble of {ens['members']}: macro_f1 {ens['metrics']['macro_f1']:.4f}")
+    if "metrics" in ens:
+        lines.append(f"  ensemble of {ens['members']}: macro_f1 {ens['metrics']['macro_f1']:.4f}")
+    elif "per_fold" in ens:
+        lines.append(f"  ensemble of {ens['members']} per fold: macro_f1 " + ", ".join(
+            f"fold {f} {e['metrics']['macro_f1']:.4f}" for f, e in ens["per_fold"].items()))
+    else:
+        lines.append(f"  no ensemble: {ens['note']}")
     if "pooled" in block and "metrics" in block["pooled"]:
         lines.append(f"  pooled over folds ({block['pooled']['n']} samples): macro_f1 "
                      f"{_fmt(block['pooled']['metrics']['macro_f1'])}")
