@@ -247,13 +247,22 @@ def run_done(plan: Plan, run: RunSpec) -> bool:
 
 # --------------------------------------------------------------------------- running
 class _Forwarder:
-    """While a child runs, SIGTERM to the sweep goes to it; afterwards the sweep stops."""
+    """While a child runs, SIGTERM to the sweep goes to it; afterwards the sweep stops (`with` installs it)."""
 
     def __init__(self) -> None:
         self.child: subprocess.Popen | None = None
         self.stopped = False
+        self._old: dict[int, Any] = {}
 
-    def __call__(self, signum: int, frame: Any) -> None:
+    def __enter__(self) -> "_Forwarder":
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+    def _handle(self, signum: int, frame: Any) -> None:
         self.stopped = True
         if signum == signal.SIGTERM and self.child is not None and self.child.poll() is None:
             self.child.send_signal(signal.SIGTERM)
@@ -286,12 +295,11 @@ def run_one(plan: Plan, run: RunSpec, forward: _Forwarder) -> int:
 
 
 def run_local(plan: Plan) -> int:
-    forward = _Forwarder()
-    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        todo = [r for r in plan.runs if not run_done(plan, r)]
-        print(f"sweep {plan.out}: {len(plan.runs)} runs, {len(plan.runs) - len(todo)} finished, "
-              f"{len(todo)} to run", flush=True)
+    """Every unfinished run, one after another; stops at the first failure or signal."""
+    todo = [r for r in plan.runs if not run_done(plan, r)]
+    print(f"sweep {plan.out}: {len(plan.runs)} runs, {len(plan.runs) - len(todo)} finished, "
+          f"{len(todo)} to run", flush=True)
+    with _Forwarder() as forward:
         for i, run in enumerate(todo, 1):
             print(f"sweep: [{i}/{len(todo)}] {run.name}", flush=True)
             rc = run_one(plan, run, forward)
@@ -302,9 +310,6 @@ def run_local(plan: Plan) -> int:
                 print(f"sweep: {run.name} failed (exit {rc}); fix the cause and run the same command again "
                       f"(finished runs are kept)", file=sys.stderr)
                 return 1
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
     print(f"sweep {plan.out}: all {len(plan.runs)} runs finished; `mmer-dist summarize {plan.out}`", flush=True)
     return 0
 
@@ -341,7 +346,9 @@ def run_task(out: Path, task: str) -> int:
     if run_done(plan, run):
         print(f"sweep: {run.name} already finished")
         return 0
-    return run_one(plan, run, _Forwarder())
+    with _Forwarder() as forward:
+        rc = run_one(plan, run, forward)
+    return 130 if forward.stopped and rc == 0 else rc
 
 
 # --------------------------------------------------------------------------- CLI

@@ -1,0 +1,110 @@
+"""A real sweep end to end on a synthetic RAVDESS corpus: 2 seeds of the debug preset, killed mid-way
+(SIGKILL to the sweep's whole process group), re-run: the finished run is not redone, the interrupted
+one resumes from its checkpoint; then `summarize` (intervals, plot) and `compare` of the two seeds."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+MAX_STEPS = 40
+TRAIN = ["data.modalities=[text,audio]", "model.fusion.dropout=0.0", f"train.max_steps={MAX_STEPS}",
+         "train.checkpoint_every=5", "train.eval_every=20", "train.log_every=5", "optim.warmup_steps=2",
+         "data.batch_size=8"]
+
+
+def _env() -> dict[str, str]:
+    # the worktree's mmer_dist wins over an installed one, in this process's children too
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1"}
+
+
+def _mmer(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mmer_dist.cli", *args]
+
+
+@pytest.fixture(scope="module")
+def ravdess_shards(tmp_path_factory) -> Path:
+    """12 synthetic actors x 8 clips, audio only; packed with the default actor split (test: the last 4)."""
+    root = tmp_path_factory.mktemp("ravdess")
+    for cmd in (_mmer("synth", "ravdess", "--out", str(root / "raw"), "--n", "96", "--no-video"),
+                _mmer("pack", "ravdess", "--root", str(root / "raw"), "--out", str(root / "shards"))):
+        subprocess.run(cmd, check=True, env=_env(), cwd=REPO, capture_output=True, timeout=300)
+    return root / "shards"
+
+
+def _interrupted(run: Path) -> bool:
+    """The run has a complete checkpoint and has not finished."""
+    ckpts = run / "checkpoints"
+    return (not (run / "metrics.json").exists() and ckpts.is_dir()
+            and any((c / "trainer_state.json").exists() for c in ckpts.iterdir()))
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_sweep_killed_and_rerun_finishes_the_rest(ravdess_shards, tmp_path):
+    out = tmp_path / "sweep"
+    cmd = _mmer("sweep", "--config", "debug", "--shards", str(ravdess_shards), "--out", str(out), "--seeds", "0,1",
+                *TRAIN)
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 400
+        while not _interrupted(out / "seed1"):
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "seed1 never wrote a checkpoint"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGKILL)        # the sweep and the training it runs, at once
+        proc.wait(timeout=30)
+    for _ in range(100):                           # children reparented to init die with the group
+        if not _group_alive(proc.pid):
+            break
+        time.sleep(0.1)
+    assert not _group_alive(proc.pid)
+    finished = {p: p.stat().st_mtime_ns for p in (out / "seed0" / "metrics.json", out / "seed0" / "eval-test" / "metrics.json")}
+
+    again = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "2 runs, 1 finished, 1 to run" in again.stdout
+    assert "seed1: resuming from its checkpoints" in again.stdout and "resumed from" in again.stdout + again.stderr
+    assert "seed0: training" not in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished          # not redone
+    steps = [r["step"] for r in map(json.loads, (out / "seed1" / "log.jsonl").read_text().splitlines())
+             if r["split"] == "train"]
+    assert max(steps) == MAX_STEPS
+    for seed in (0, 1):
+        assert (out / f"seed{seed}" / "eval-test" / "predictions.jsonl").is_file()
+
+    summary = subprocess.run(_mmer("summarize", str(out), "--json"), env=_env(), cwd=REPO, capture_output=True,
+                             text=True, timeout=120)
+    assert summary.returncode == 0, summary.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert json.loads(summary.stdout) == s
+    assert s["runs"] == 2 and s["split"] == "test" and s["metrics"]["macro_f1"]["n"] == 2
+    lo, hi = s["metrics"]["macro_f1"]["ci95"]
+    assert lo <= s["metrics"]["macro_f1"]["mean"] <= hi
+    assert set(s["per_class"]) >= {"neutral", "angry"} and s["ensemble"]["members"] == 2
+    assert s["other_splits"]["dev"]["selection"]["chosen_on_this_split"] == ["seed0", "seed1"]
+    assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    cmp = subprocess.run(_mmer("compare", str(out / "seed0" / "eval-test"), str(out / "seed1" / "eval-test"),
+                               "--json", "--resamples", "2000"),
+                         env=_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert cmp.returncode == 0, cmp.stderr
+    r = json.loads(cmp.stdout)
+    assert r["unit"] == "speaker" and r["units"] == 4 and r["n"] == 32      # test: actors 09-12, 8 clips each
