@@ -420,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "headline metrics and per-class F1, optionally compare.png and compare.json.")
     p.add_argument("runs", nargs="+", help="run folders, eval folders or metrics.json files")
     p.add_argument("--out", default="", help="folder for compare.png and compare.json (default: none)")
+    p.add_argument("--allow-mixed", action="store_true",
+                   help="show columns of different splits or sample sets side by side anyway")
     return p
 
 
@@ -427,14 +429,13 @@ def main(argv: list[str] | None = None) -> int:
     """`mmer-dist compare RUN_OR_METRICS ... [--out DIR]`: print the table; with --out write compare.json/png."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        cmp = compare_runs(list(args.runs), allow_mixed=getattr(args, "allow_mixed", False))
+        cmp = compare_runs(list(args.runs), allow_mixed=args.allow_mixed)
     except (MetricsNotFoundError, ValueError) as e:
         print(f"mmer-dist compare: error: {e}", file=sys.stderr)
         return 2
     print(format_compare(cmp))
-    out = getattr(args, "out", "") or ""
-    if out:
-        out_dir = Path(out)
+    if args.out:
+        out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "compare.json").write_text(json.dumps(cmp, indent=2) + "\n", encoding="utf-8")
         plot_compare(cmp, out_dir / "compare.png")

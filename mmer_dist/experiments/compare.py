@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from mmer_dist.experiments.predictions import Predictions
 
-HELP = "runs side by side (split, n, metrics per class); two runs or sweeps: a paired bootstrap of the difference"
 
 
 def is_sweep(path: str | Path) -> bool:
@@ -113,7 +112,9 @@ def format_paired(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmer-dist compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders, eval folders, metrics.json files; or two sweep folders")
     p.add_argument("--out", default="", help="folder for compare.json and compare.png of the table (default: none)")
     p.add_argument("--split", choices=["dev", "test"], default=None,
@@ -124,6 +125,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="show columns of different splits or sample sets side by side anyway (no paired test)")
     p.add_argument("--resamples", type=int, default=None, help="bootstrap resamples (default: 10000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    return p
 
 
 def _table_args(args: argparse.Namespace) -> list[str]:
@@ -134,8 +136,9 @@ def _table_args(args: argparse.Namespace) -> list[str]:
     return [str(evaluation_dir(Path(r), args.split) or r) if Path(r).is_dir() else r for r in args.runs]
 
 
-def main(args: argparse.Namespace) -> int:
-    from mmer_dist.report import compare_main
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from mmer_dist import report
 
     sweeps = [r for r in args.runs if is_sweep(r)]
     if sweeps and len(args.runs) != 2:
@@ -143,7 +146,8 @@ def main(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     if not args.json and not sweeps:
-        rc = compare_main(argparse.Namespace(runs=_table_args(args), out=args.out, allow_mixed=args.allow_mixed))
+        rc = report.main([*_table_args(args), *(["--out", args.out] if args.out else []),
+                          *(["--allow-mixed"] if args.allow_mixed else [])])
         if rc != 0 or len(args.runs) != 2:
             return rc
     elif args.json and len(args.runs) != 2:

@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 
     from mmer_dist.experiments.predictions import Predictions
 
-HELP = "mean, std and 95%% interval over a sweep's runs (dev and test apart), its ensemble, and a plot"
 SPLITS = ("dev", "test")
 
 
@@ -323,15 +322,19 @@ def plot_summary(summary: dict[str, Any], path: str | Path) -> "Figure":
     return save_png(fig, path)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmer-dist summarize", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", help="sweep folder written by `mmer-dist sweep` (holds sweep.json)")
     p.add_argument("--split", choices=SPLITS, default=None,
                    help="the split summary.json leads with (default: test when every run has it, else dev); "
                         "the other split is kept apart under other_splits")
     p.add_argument("--json", action="store_true", help="print summary.json instead of the table")
+    return p
 
 
-def main(args: argparse.Namespace) -> int:
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     from mmer_dist.experiments.predictions import SampleMismatchError
     from mmer_dist.experiments.sweep import SweepError
     from mmer_dist.shards.schema import write_json_atomic

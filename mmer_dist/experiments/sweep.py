@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-HELP = "run a grid of seeds x folds x overrides as run folders (resumable; local or a Slurm job array)"
 SWEEP_JSON = "sweep.json"
 EVAL_DIR = "eval-{split}"
 REPO = Path(__file__).resolve().parents[2]
@@ -352,7 +351,9 @@ def run_task(out: Path, task: str) -> int:
 
 
 # --------------------------------------------------------------------------- CLI
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmer-dist sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="preset name or YAML (as for `mmer-dist train`)")
     p.add_argument("--shards", help="shards folder")
     p.add_argument("--out", required=True, help="sweep folder (one run folder per grid cell, sweep.json)")
@@ -365,9 +366,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", nargs="?", const="env", default=None, metavar="N",
                    help="run only run N of SWEEP/sweep.json (default N: $SLURM_ARRAY_TASK_ID); used by slurm/sweep.sbatch")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every run; a key given twice is a grid axis")
+    return p
 
 
-def main(args: argparse.Namespace) -> int:
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     from mmer_dist.config import ConfigError
 
     out = Path(args.out).resolve()

@@ -20,7 +20,7 @@ def _args(shards: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _plan(shards: Path, out: Path, *extra: str) -> sw.Plan:
-    args = cli.build_parser().parse_args(_args(shards, out, *extra))
+    args = sw.build_parser().parse_args(_args(shards, out, *extra)[1:])
     return sw.build_plan(sw.identity_from_args(args), Path(args.out).resolve())
 
 
