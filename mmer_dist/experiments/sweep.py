@@ -155,21 +155,24 @@ def _has_split(shards: str, split: str) -> bool:
     return split in load_index(shards).splits
 
 
+def _run_spec(variant: dict[str, str], fold: int | None, seed: int, fixed: list[str]) -> RunSpec:
+    """The grid cell's folder name ([AXIS=VALUE_][foldF_]seedS) and overrides."""
+    parts = [_slug(f"{k}={v}") for k, v in variant.items()] + ([f"fold{fold}"] if fold is not None else [])
+    overrides = [*fixed, *(f"{k}={v}" for k, v in variant.items()), f"train.seed={seed}",
+                 *([f"data.fold={fold}"] if fold is not None else [])]
+    return RunSpec("_".join([*parts, f"seed{seed}"]), seed, fold, dict(variant), overrides)
+
+
 def build_plan(identity: dict[str, Any], out: Path) -> Plan:
-    """Every run of the grid, each checked against the config before anything starts."""
+    """Every run of the grid (variants, then folds, then seeds), each config checked before anything starts."""
     from mmer_dist.config import load_config
 
     fixed, axes = split_overrides(list(identity["overrides"]))
     folds = identity["folds"]
-    runs = []
-    for variant in _variants(axes):
-        for fold in folds if folds is not None else [None]:
-            for seed in identity["seeds"]:
-                parts = [_slug(f"{k}={v}") for k, v in variant.items()] + ([f"fold{fold}"] if fold is not None else [])
-                over = [*fixed, *(f"{k}={v}" for k, v in variant.items()), f"train.seed={seed}",
-                        *([f"data.fold={fold}"] if fold is not None else [])]
-                load_config(identity["config"], [*over, f"data.shards={identity['shards']}"])   # fail early
-                runs.append(RunSpec("_".join([*parts, f"seed{seed}"]), seed, fold, dict(variant), over))
+    runs = [_run_spec(variant, fold, seed, fixed) for variant in _variants(axes)
+            for fold in (folds if folds is not None else [None]) for seed in identity["seeds"]]
+    for run in runs:
+        load_config(identity["config"], [*run.overrides, f"data.shards={identity['shards']}"])   # fail early
     test = folds is not None or _has_split(identity["shards"], "test")
     return Plan(identity, out, runs, "test" if test else None)
 
