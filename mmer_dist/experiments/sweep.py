@@ -242,6 +242,22 @@ def has_checkpoints(run_dir: Path) -> bool:
     return bool(complete_checkpoints(run_dir))
 
 
+def processes_using(folder: Path) -> list[int]:
+    """Other processes with `folder` as an argument (Linux /proc; [] elsewhere).
+
+    torchrun starts its ranks in sessions of their own, so SIGKILL to a sweep and its process group
+    can leave ranks training on; a second training in the same folder would corrupt both."""
+    target, me, pids = str(folder).encode(), os.getpid(), []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:     # exited while we looked
+            continue
+        if target in args and int(proc.name) != me:
+            pids.append(int(proc.name))
+    return sorted(pids)
+
+
 def run_done(plan: Plan, run: RunSpec) -> bool:
     eval_dir = plan.eval_dir(run)
     return trained(plan.run_dir(run)) and (eval_dir is None or evaluated(eval_dir))
@@ -281,6 +297,11 @@ class _Forwarder:
 def run_one(plan: Plan, run: RunSpec, forward: _Forwarder) -> int:
     """Train (fresh, or resume=latest when the folder holds checkpoints) and evaluate one run, as needed."""
     run_dir, eval_dir = plan.run_dir(run), plan.eval_dir(run)
+    busy = processes_using(run_dir)
+    if busy:
+        raise SweepError(f"{run_dir} is in use by processes {busy} (ranks left by a killed sweep, or another "
+                         f"sweep running it); wait for them to end or `kill {' '.join(map(str, busy))}`, then run "
+                         f"the same command again")
     if not trained(run_dir):
         resume = has_checkpoints(run_dir)
         print(f"sweep: {run.name}: {'resuming from its checkpoints' if resume else 'training'}", flush=True)

@@ -1,9 +1,11 @@
-"""A real sweep end to end on a synthetic RAVDESS corpus: 2 seeds of the debug preset, killed mid-way
-(SIGKILL to the sweep's whole process group), re-run: the finished run is not redone, the interrupted
-one resumes from its checkpoint; then `summarize` (intervals, plot) and `compare` of the two seeds."""
+"""A real sweep end to end on a synthetic RAVDESS corpus: 2 seeds of the debug preset on 2 processes
+(torchrun), killed mid-way (SIGKILL to the sweep's whole process group: no rank survives), re-run: the
+finished run is not redone, the interrupted one resumes from its checkpoint; then `summarize`
+(intervals, plot) and `compare` of the two seeds."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -49,19 +51,41 @@ def _interrupted(run: Path) -> bool:
             and any((c / "trainer_state.json").exists() for c in ckpts.iterdir()))
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+def _tree(root: int) -> list[int]:
+    """`root` and its descendants (torchrun's ranks run in sessions of their own: killpg alone misses them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Pids whose command line contains `text` (the sweep's unique folder): the sweep, torchrun, its ranks."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(proc.name))
+        except OSError:      # exited while we looked
+            continue
+    return pids
 
 
 @pytest.mark.slow
 def test_sweep_killed_and_rerun_finishes_the_rest(ravdess_shards, tmp_path):
     out = tmp_path / "sweep"
+    launcher = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 2"
     cmd = _mmer("sweep", "--config", "debug", "--shards", str(ravdess_shards), "--out", str(out), "--seeds", "0,1",
-                *TRAIN)
+                "--launcher", launcher, *TRAIN)
     with open(tmp_path / "first.log", "w") as log:
         proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 400
@@ -69,19 +93,25 @@ def test_sweep_killed_and_rerun_finishes_the_rest(ravdess_shards, tmp_path):
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "seed1 never wrote a checkpoint"
             time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGKILL)        # the sweep and the training it runs, at once
+        tree = _tree(proc.pid)
+        assert len(tree) >= 4, tree                               # sweep, torchrun, 2 ranks
+        os.killpg(proc.pid, signal.SIGKILL)                       # the sweep and torchrun
+        for pid in tree[1:]:                                      # the ranks, in their own sessions
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    for _ in range(100):                           # children reparented to init die with the group
-        if not _group_alive(proc.pid):
+    for _ in range(100):
+        if not _processes_mentioning(str(out)):
             break
         time.sleep(0.1)
-    assert not _group_alive(proc.pid)
+    assert _processes_mentioning(str(out)) == []
     finished = {p: p.stat().st_mtime_ns for p in (out / "seed0" / "metrics.json", out / "seed0" / "eval-test" / "metrics.json")}
 
     again = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "2 runs, 1 finished, 1 to run" in again.stdout
     assert "seed1: resuming from its checkpoints" in again.stdout and "resumed from" in again.stdout + again.stderr
+    assert json.loads((out / "seed1" / "train_state.json").read_text())["world_size"] == 2
     assert "seed0: training" not in again.stdout
     assert {p: p.stat().st_mtime_ns for p in finished} == finished          # not redone
     steps = [r["step"] for r in map(json.loads, (out / "seed1" / "log.jsonl").read_text().splitlines())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -114,3 +115,20 @@ def test_finished_runs_are_skipped(synth_meld_shards, tmp_path, capsys):
     assert cli.main(_args(synth_meld_shards, out, "--seeds", "0,1")) == 0
     printed = capsys.readouterr().out
     assert "2 runs, 2 finished, 0 to run" in printed and "$ " not in printed
+
+
+def test_a_run_folder_still_in_use_is_refused(synth_meld_shards, tmp_path, capsys):
+    """Ranks that outlived a killed sweep (torchrun starts them in their own sessions) still write to
+    their run folder: a re-run must not start a second training there."""
+    out = tmp_path / "sw"
+    run_dir = out.resolve() / "seed0"
+    leftover = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--out", str(run_dir)])
+    try:
+        assert sw.processes_using(run_dir) == [leftover.pid]
+        assert cli.main(_args(synth_meld_shards, out, "--seeds", "0")) == 2
+        err = capsys.readouterr().err
+        assert f"{run_dir} is in use by processes [{leftover.pid}]" in err and f"kill {leftover.pid}" in err
+    finally:
+        leftover.kill()
+        leftover.wait()
+    assert sw.processes_using(run_dir) == []
