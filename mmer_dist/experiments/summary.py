@@ -307,7 +307,7 @@ def _panel(ax: Any, blocks: dict[str, dict[str, Any]], split: str) -> None:
 
 def plot_summary(summary: dict[str, Any], path: str | Path) -> "Figure":
     """Per-class F1 with 95% intervals, one panel per split (variants side by side within a panel)."""
-    from mmer_dist.report import agg_figure, save_png
+    from mmer_dist.plots import agg_figure, save_png
 
     blocks = summary["variants"] if "variants" in summary else {"": summary}
     first = next(iter(blocks.values()))

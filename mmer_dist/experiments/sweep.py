@@ -131,7 +131,7 @@ def _slug(text: str) -> str:
 
 
 def _fold_count(config: str, fixed: list[str]) -> int:
-    from mmer_dist.config import load_config
+    from mmer_dist.presets import load_config
 
     return int(getattr(load_config(config, fixed).data, "folds", 0) or 0)
 
@@ -165,7 +165,7 @@ def _run_spec(variant: dict[str, str], fold: int | None, seed: int, fixed: list[
 
 def build_plan(identity: dict[str, Any], out: Path) -> Plan:
     """Every run of the grid (variants, then folds, then seeds), each config checked before anything starts."""
-    from mmer_dist.config import load_config
+    from mmer_dist.presets import load_config
 
     fixed, axes = split_overrides(list(identity["overrides"]))
     folds = identity["folds"]

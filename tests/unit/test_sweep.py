@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -124,7 +125,10 @@ def test_a_run_folder_still_in_use_is_refused(synth_meld_shards, tmp_path, capsy
     run_dir = out.resolve() / "seed0"
     leftover = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--out", str(run_dir)])
     try:
-        assert sw.processes_using(run_dir) == [leftover.pid]
+        deadline = time.monotonic() + 10
+        while sw.processes_using(run_dir) != [leftover.pid]:     # until the child has exec'd
+            assert time.monotonic() < deadline, sw.processes_using(run_dir)
+            time.sleep(0.05)
         assert cli.main(_args(synth_meld_shards, out, "--seeds", "0")) == 2
         err = capsys.readouterr().err
         assert f"{run_dir} is in use by processes [{leftover.pid}]" in err and f"kill {leftover.pid}" in err
