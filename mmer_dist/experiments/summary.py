@@ -60,6 +60,13 @@ def sweep_runs(sweep: Path) -> list[SweepRun]:
             for r in runs]
 
 
+def _run_metrics(run_dir: Path) -> dict[str, Any]:
+    """RUN/metrics.json ({} before the training finished); a damaged file is an error naming it."""
+    from mmer_dist.report import load_metrics
+
+    return load_metrics(run_dir) if (run_dir / "metrics.json").is_file() else {}
+
+
 def evaluation_dir(run_dir: Path, split: str) -> Path | None:
     """Where a run's evaluation on `split` is: RUN/eval-SPLIT, else RUN itself when its final evaluation
     was on that split; None when it has none."""
@@ -67,24 +74,25 @@ def evaluation_dir(run_dir: Path, split: str) -> Path | None:
 
     if evaluated(run_dir / f"eval-{split}"):
         return run_dir / f"eval-{split}"
-    metrics = run_dir / "metrics.json"
-    if metrics.is_file() and json.loads(metrics.read_text(encoding="utf-8")).get("split") == split:
-        return run_dir
-    return None
+    return run_dir if _run_metrics(run_dir).get("split") == split else None
 
 
 def selected_on(run_dir: Path, metrics: dict[str, Any]) -> str | None:
-    """The split the run's checkpoint was chosen on (None: no choice, train.select=last)."""
+    """The split the run's checkpoint was chosen on (None: no choice, train.select=last). Recorded as
+    `selected_on` by the evaluation or the run; for runs before that field: the config's data.eval_split
+    when train.select=best."""
     import yaml
 
-    if "selected_on" in metrics:
-        return metrics["selected_on"]
-    run_metrics = run_dir / "metrics.json"
-    run = json.loads(run_metrics.read_text(encoding="utf-8")) if run_metrics.is_file() else {}
-    if "selected_on" in run:
-        return run["selected_on"]
+    run = _run_metrics(run_dir)
+    for m in (metrics, run):
+        if "selected_on" in m:
+            return m["selected_on"]
     config = run_dir / "config.yaml"
-    cfg = yaml.safe_load(config.read_text(encoding="utf-8")) if config.is_file() else {}
+    try:
+        cfg = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}) if config.is_file() else {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{config} is not valid YAML ({e}); it is the run's resolved config, written by "
+                         f"`mmer-dist train`: restore it or re-run the training") from None
     if (cfg.get("train") or {}).get("select", "best") == "last":
         return None
     return (cfg.get("data") or {}).get("eval_split") or run.get("split")

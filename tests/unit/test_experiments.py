@@ -214,3 +214,14 @@ def test_compare_refuses_different_sample_sets(tmp_path, capsys):
     assert "1 keys only in the first, 1 only in the second" in err and f"e.g. {min(keys)}" in err
     assert cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 2   # the table refuses too
     assert "hold different samples" in capsys.readouterr().err
+
+
+def test_damaged_files_are_named(tmp_path, capsys):
+    sweep = _sweep(tmp_path / "sw", [0, 1])
+    (sweep / "seed1" / "metrics.json").write_text("{not json")
+    assert cli.main(["summarize", str(sweep)]) == 2
+    err = capsys.readouterr().err
+    assert f"{sweep / 'seed1' / 'metrics.json'} is not valid JSON" in err and "re-run" in err
+    (sweep / "sweep.json").write_text("[")
+    assert cli.main(["summarize", str(sweep)]) == 2
+    assert f"{sweep / 'sweep.json'} is not valid JSON" in capsys.readouterr().err
