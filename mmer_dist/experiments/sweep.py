@@ -19,9 +19,10 @@ Signals: SIGTERM to the sweep is forwarded to the running training (which checkp
 then the sweep stops; Ctrl-C reaches every process of the terminal's group by itself.
 
 With --slurm the sweep writes sweep.json and submits `slurm/sweep.sbatch --out SWEEP` as an array
-over the unfinished runs; each task runs `mmer-dist sweep --task --out SWEEP`, which picks run
-number $SLURM_ARRAY_TASK_ID from sweep.json. sbatch options (partition, GPUs, time) come from the
-SBATCH_* environment variables or the script's header.
+over the unfinished runs (logs: SWEEP/slurm-JOB_TASK.out); each task runs `mmer-dist sweep --task
+--out SWEEP`, which picks run number $SLURM_ARRAY_TASK_ID from sweep.json. The cluster's own flags
+(partition, GPUs, CPUs, time) go in --sbatch "..." (or SBATCH_* variables); the script's header holds
+defaults.
 """
 
 from __future__ import annotations
@@ -337,14 +338,16 @@ def run_local(plan: Plan) -> int:
     return 0
 
 
-def submit_slurm(plan: Plan) -> int:
+def submit_slurm(plan: Plan, site: str = "") -> int:
+    """One array task per unfinished run; `site`: sbatch flags of this cluster (partition, GPUs, CPUs)."""
     todo = [i for i, r in enumerate(plan.runs) if not run_done(plan, r)]
     if not todo:
         print(f"sweep {plan.out}: all {len(plan.runs)} runs finished; `mmer-dist summarize {plan.out}`")
         return 0
     if not SBATCH.is_file():
         raise SweepError(f"{SBATCH} not found: --slurm submits the repository's slurm/sweep.sbatch; run from a checkout")
-    cmd = ["sbatch", "--parsable", f"--array={','.join(map(str, todo))}", str(SBATCH), "--out", str(plan.out)]
+    cmd = ["sbatch", "--parsable", f"--array={','.join(map(str, todo))}", f"--output={plan.out}/slurm-%A_%a.out",
+           *shlex.split(site), str(SBATCH), "--out", str(plan.out)]
     print(f"$ {shlex.join(cmd)}", flush=True)
     try:
         job = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
@@ -387,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", default="", help='training launcher, e.g. "torchrun --nproc_per_node 2" '
                                                   "(default: one process of this Python)")
     p.add_argument("--slurm", action="store_true", help="submit a job array (slurm/sweep.sbatch) instead of running here")
+    p.add_argument("--sbatch", default="", metavar="FLAGS",
+                   help='with --slurm: this cluster\'s sbatch flags, e.g. "--partition gpu --gpus-per-node 8 --cpus-per-task 32"')
     p.add_argument("--task", nargs="?", const="env", default=None, metavar="N",
                    help="run only run N of SWEEP/sweep.json (default N: $SLURM_ARRAY_TASK_ID); used by slurm/sweep.sbatch")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every run; a key given twice is a grid axis")
@@ -403,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_task(out, args.task)
         plan = build_plan(identity_from_args(args), out)
         record(plan)
-        return submit_slurm(plan) if args.slurm else run_local(plan)
+        return submit_slurm(plan, args.sbatch) if args.slurm else run_local(plan)
     except (SweepError, ConfigError, FileNotFoundError, KeyError) as e:
         print(f"mmer-dist sweep: error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2

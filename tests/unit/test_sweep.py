@@ -84,8 +84,10 @@ def test_slurm_submits_the_unfinished_runs_and_tasks_pick_theirs(synth_meld_shar
     plan = _plan(synth_meld_shards, out, "--seeds", "0,1,2")
     out.mkdir()
     _finish(plan, plan.runs[1])
-    assert cli.main(_args(synth_meld_shards, out, "--seeds", "0,1,2", "--slurm")) == 0
-    assert fake_sbatch.read_text().split() == ["--parsable", "--array=0,2", str(sw.SBATCH), "--out", str(out.resolve())]
+    assert cli.main(_args(synth_meld_shards, out, "--seeds", "0,1,2", "--slurm", "--sbatch", "--cpus-per-task=1 -p debug")) == 0
+    assert fake_sbatch.read_text().split() == ["--parsable", "--array=0,2", f"--output={out.resolve()}/slurm-%A_%a.out",
+                                               "--cpus-per-task=1", "-p", "debug", str(sw.SBATCH), "--out",
+                                               str(out.resolve())]
     assert "submitted job array 4242: 2 of 3 runs" in capsys.readouterr().out
     recorded = json.loads((out / "sweep.json").read_text())
     assert [r["name"] for r in recorded["runs"]] == ["seed0", "seed1", "seed2"]
