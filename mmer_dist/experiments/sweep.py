@@ -2,7 +2,7 @@
 
     mmer-dist sweep --config debug --shards S --out SWEEP --seeds 0,1,2
     mmer-dist sweep --config ravdess_audio --shards S --out SWEEP --folds all data.folds=5 data.dev_speakers=2
-    mmer-dist sweep ... --launcher "torchrun --nproc_per_node 2"     # each training on 2 processes
+    mmer-dist sweep ... --launcher "torchrun --standalone --nproc_per_node 2"   # each training on 2 processes
     mmer-dist sweep ... optim.lr=1e-3 optim.lr=3e-4                  # a key given twice is a grid axis
     mmer-dist sweep ... --slurm                                      # a job array, one task per unfinished run
 
@@ -45,6 +45,9 @@ REPO = Path(__file__).resolve().parents[2]
 SBATCH = REPO / "slurm" / "sweep.sbatch"
 _RESERVED = {"train.seed": "--seeds", "data.fold": "--folds", "resume": "(the sweep resumes by itself)",
              "train.resume": "(the sweep resumes by itself)", "data.shards": "--shards"}
+
+
+_SRUN_LAYOUT = {"SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_NPROCS"}
 
 
 class SweepError(ValueError):
@@ -288,11 +291,19 @@ class _Forwarder:
 
     def run(self, cmd: list[str]) -> int:
         print(f"$ {shlex.join(cmd)}", flush=True)
-        self.child = subprocess.Popen(cmd)
+        self.child = subprocess.Popen(cmd, env=child_env())
         try:
             return self.child.wait()
         finally:
             self.child = None
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a run: this one without the srun task layout. A sweep task is one Slurm task
+    whose run is a world of its own (one process, or the ranks its launcher starts); left in place,
+    SLURM_PROCID/SLURM_NTASKS make the training join a process group at the head node's port 29500,
+    which two array tasks on one node would both claim."""
+    return {k: v for k, v in os.environ.items() if k not in _SRUN_LAYOUT}
 
 
 def run_one(plan: Plan, run: RunSpec, forward: _Forwarder) -> int:
@@ -387,8 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1,2", help="comma list of train.seed values (default: 0,1,2)")
     p.add_argument("--folds", default="", help="all (0..K-1, K from data.folds) or a comma list of data.fold values; "
                                                "default: no folds (the shards' own splits)")
-    p.add_argument("--launcher", default="", help='training launcher, e.g. "torchrun --nproc_per_node 2" '
-                                                  "(default: one process of this Python)")
+    p.add_argument("--launcher", default="", help='training launcher, e.g. "torchrun --standalone --nproc_per_node 2" '
+                                                  "(--standalone: a free rendezvous port, so runs never collide; "
+                                                  "default: one process of this Python)")
     p.add_argument("--slurm", action="store_true", help="submit a job array (slurm/sweep.sbatch) instead of running here")
     p.add_argument("--sbatch", default="", metavar="FLAGS",
                    help='with --slurm: this cluster\'s sbatch flags, e.g. "--partition gpu --gpus-per-node 8 --cpus-per-task 32"')

@@ -138,3 +138,13 @@ def test_a_run_folder_still_in_use_is_refused(synth_meld_shards, tmp_path, capsy
         leftover.kill()
         leftover.wait()
     assert sw.processes_using(run_dir) == []
+
+
+def test_a_run_inside_a_slurm_task_is_a_world_of_its_own(monkeypatch):
+    """srun's task layout would make the training join a process group at the head node's port 29500,
+    which two array tasks on one node both claim (measured on the test cluster: EADDRINUSE)."""
+    for k, v in {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "17"}.items():
+        monkeypatch.setenv(k, v)
+    env = sw.child_env()
+    assert not {"SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"} & env.keys()
+    assert env["SLURM_JOB_ID"] == "17"          # the training still requeues its own job
