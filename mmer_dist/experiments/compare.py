@@ -136,32 +136,42 @@ def _table_args(args: argparse.Namespace) -> list[str]:
     return [str(evaluation_dir(Path(r), args.split) or r) if Path(r).is_dir() else r for r in args.runs]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    from mmer_dist import report
-
+def _usage_problem(args: argparse.Namespace) -> str:
     sweeps = [r for r in args.runs if is_sweep(r)]
     if sweeps and len(args.runs) != 2:
-        print(f"mmer-dist compare: error: a sweep ({sweeps[0]}) compares with exactly one other run or sweep",
-              file=sys.stderr)
-        return 2
-    if not args.json and not sweeps:
-        rc = report.main([*_table_args(args), *(["--out", args.out] if args.out else []),
-                          *(["--allow-mixed"] if args.allow_mixed else [])])
-        if rc != 0 or len(args.runs) != 2:
-            return rc
-    elif args.json and len(args.runs) != 2:
-        print("mmer-dist compare: error: --json prints the paired bootstrap of exactly two runs or sweeps",
-              file=sys.stderr)
-        return 2
+        return f"a sweep ({sweeps[0]}) compares with exactly one other run or sweep"
+    if args.json and len(args.runs) != 2:
+        return "--json prints the paired bootstrap of exactly two runs or sweeps"
+    return ""
+
+
+def _paired(args: argparse.Namespace, table_shown: bool) -> int:
+    """Print the paired bootstrap of the two arguments; after a table, a missing input is only a note."""
     try:
         result = paired_compare(args.runs[0], args.runs[1], args.split, args.resamples, args.seed)
     except (FileNotFoundError, ValueError) as e:
         msg = e.args[0] if e.args else str(e)
-        if not args.json and not sweeps and (isinstance(e, FileNotFoundError) or args.allow_mixed):
+        if table_shown and (isinstance(e, FileNotFoundError) or args.allow_mixed):
             print(f"\nno paired test: {msg}")   # the table stands on its own
             return 0
         print(f"mmer-dist compare: error: {msg}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2) if args.json else "\n" + format_paired(result))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from mmer_dist import report
+
+    problem = _usage_problem(args)
+    if problem:
+        print(f"mmer-dist compare: error: {problem}", file=sys.stderr)
+        return 2
+    table = not args.json and not any(is_sweep(r) for r in args.runs)
+    if table:
+        rc = report.main([*_table_args(args), *(["--out", args.out] if args.out else []),
+                          *(["--allow-mixed"] if args.allow_mixed else [])])
+        if rc != 0 or len(args.runs) != 2:
+            return rc
+    return _paired(args, table_shown=table)

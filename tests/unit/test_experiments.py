@@ -225,3 +225,15 @@ def test_damaged_files_are_named(tmp_path, capsys):
     (sweep / "sweep.json").write_text("[")
     assert cli.main(["summarize", str(sweep)]) == 2
     assert f"{sweep / 'sweep.json'} is not valid JSON" in capsys.readouterr().err
+
+
+def test_two_runs_without_predictions_still_get_the_table(tmp_path, capsys):
+    keys, y = _samples([1, 2])
+    for name, seed in (("a", 0), ("b", 1)):
+        _eval(tmp_path / name, keys, y, _probs(y, seed, 1.0), "test")
+        (tmp_path / name / "predictions.jsonl").unlink()
+    assert cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("metric") and "no paired test: no predictions.jsonl beside" in out
+    assert cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--json"]) == 2   # --json needs the test
+    assert "mmer-dist eval" in capsys.readouterr().err
