@@ -148,3 +148,17 @@ def test_a_run_inside_a_slurm_task_is_a_world_of_its_own(monkeypatch):
     env = sw.child_env()
     assert not {"SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"} & env.keys()
     assert env["SLURM_JOB_ID"] == "17"          # the training still requeues its own job
+
+
+def test_fold_plumbing(monkeypatch):
+    """--folds passes data.fold=i per run (data.folds=K comes from the overrides or the preset); the
+    config fields themselves are validated by load_config when the plan is built."""
+    run = sw._run_spec({"optim.lr": "3e-4"}, 1, 0, ["data.folds=2"])
+    assert run.name == "optim.lr=3e-4_fold1_seed0"
+    assert run.overrides == ["data.folds=2", "optim.lr=3e-4", "train.seed=0", "data.fold=1"]
+    assert sw.resolve_folds("", "debug", []) is None
+    assert sw.resolve_folds("2,0", "debug", []) == [2, 0]
+    monkeypatch.setattr(sw, "_fold_count", lambda config, fixed: 5 if "data.folds=5" in fixed else 0)
+    assert sw.resolve_folds("all", "ravdess_audio", ["data.folds=5"]) == [0, 1, 2, 3, 4]
+    with pytest.raises(sw.SweepError, match="add data.folds=K"):
+        sw.resolve_folds("all", "ravdess_audio", [])
