@@ -138,3 +138,44 @@ def test_sweep_killed_and_rerun_finishes_the_rest(ravdess_shards, tmp_path):
     assert cmp.returncode == 0, cmp.stderr
     r = json.loads(cmp.stdout)
     assert r["unit"] == "speaker" and r["units"] == 4 and r["n"] == 32      # test: actors 09-12, 8 clips each
+
+
+@pytest.fixture(scope="module")
+def ravdess_all_shards(ravdess_shards) -> Path:
+    """The same 12 actors packed once with no fixed split (`--split none`): folds are chosen when training."""
+    from mmer_dist.config import DataConfig
+
+    if "folds" not in DataConfig.__dataclass_fields__:
+        pytest.skip("data.folds / pack --split none (issue 19 item 1) are not on this branch yet")
+    root = ravdess_shards.parent
+    subprocess.run(_mmer("pack", "ravdess", "--root", str(root / "raw"), "--out", str(root / "all"), "--split", "none"),
+                   check=True, env=_env(), cwd=REPO, capture_output=True, timeout=300)
+    return root / "all"
+
+
+@pytest.mark.slow
+def test_two_seeds_by_two_speaker_folds(ravdess_all_shards, tmp_path):
+    """2 seeds x 2 speaker folds chosen at training time: each fold's test holds the other half of the actors,
+    the summary pools the folds (every clip once per seed)."""
+    out = tmp_path / "folds"
+    cmd = _mmer("sweep", "--config", "debug", "--shards", str(ravdess_all_shards), "--out", str(out), "--seeds", "0,1",
+                "--folds", "all", "data.folds=2", "data.dev_speakers=2", *TRAIN[:3], "train.max_steps=6",
+                "train.eval_every=3")
+    done = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    names = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert names == ["fold0_seed0", "fold0_seed1", "fold1_seed0", "fold1_seed1"]
+    held_out = {}
+    for fold in (0, 1):
+        keys = [json.loads(line)["key"] for line in (out / f"fold{fold}_seed0" / "eval-test" / "predictions.jsonl")
+                .read_text().splitlines()]
+        held_out[fold] = {k.rsplit("-", 1)[1] for k in keys}            # the actors of the held-out fold
+    assert held_out[0].isdisjoint(held_out[1]) and len(held_out[0] | held_out[1]) == 12
+    summary = subprocess.run(_mmer("summarize", str(out), "--json"), env=_env(), cwd=REPO, capture_output=True,
+                             text=True, timeout=120)
+    assert summary.returncode == 0, summary.stderr
+    s = json.loads(summary.stdout)
+    assert s["runs"] == 4 and s["split"] == "test" and len(s["metrics"]["macro_f1"]["ci95"]) == 2
+    assert s["pooled"]["seeds"] == 2 and s["pooled"]["n"] == 96                 # every clip tested once per seed
+    assert s["ensemble"]["folds"] == 2 and s["ensemble"]["n"] == 96
+    assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
