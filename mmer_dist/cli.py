@@ -24,9 +24,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mmer_dist.train.__main__", "train a model (same as `python -m mmer_dist.train`)"),
     "eval": ("mmer_dist.evaluate", "evaluate a run or exported model on a split of a shards folder"),
     "predict": ("mmer_dist.predict", "emotion of one raw utterance (any subset of video, audio, text)"),
-    "compare": ("mmer_dist.report", "side-by-side metrics of runs, per class (table and plot)"),
+    "compare": ("mmer_dist.experiments.compare", "runs side by side (split, n, per class); two: paired bootstrap of the difference"),
     "embed": ("mmer_dist.embed", "precompute frozen-encoder embeddings into embedding shards"),
     "demo": ("mmer_dist.demo", "synthetic corpus -> pack -> train baseline and weighted (2 CPU processes) -> report"),
+    "sweep": ("mmer_dist.experiments.sweep", "a grid of seeds x folds x overrides as run folders (resumable; local or Slurm)"),
+    "summarize": ("mmer_dist.experiments.summary", "mean, std and 95% CI over a sweep's runs, its ensemble, a plot"),
 }
 """command -> (module with build_parser() and main(argv), one-line help)."""
 

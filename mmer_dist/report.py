@@ -10,9 +10,11 @@ matplotlib at all. Each plot function saves a PNG and returns the Figure (tests 
     print(print_table(metrics))
     write_eval_report(metrics, "eval", run_dir="runs/debug")  # all of the above
 
-`mmer-dist compare RUN_A RUN_B ... [--out DIR]` prints the runs side by side (headline
-metrics, then per-class F1, with deltas against the first run) and, with --out, writes
-compare.json and compare.png.
+`mmer-dist compare RUN_A RUN_B ... [--out DIR]` prints the runs side by side (each column's
+split and sample count, headline metrics, then per-class F1, with deltas against the first run)
+and, with --out, writes compare.json and compare.png. Columns of different splits, label sets or
+samples (sample counts; the keys of predictions.jsonl where present) are refused unless
+`allow_mixed` (`--allow-mixed`). Two runs also get a paired bootstrap: mmer_dist/experiments/compare.py.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ if TYPE_CHECKING:
 
 class MetricsNotFoundError(FileNotFoundError):
     """A run/eval folder without metrics.json (or a metrics.json path that does not exist)."""
+
+
+class MixedComparisonError(ValueError):
+    """Columns of a comparison that evaluate different splits or different samples."""
 
 
 def _check_metrics(metrics: Mapping[str, Any], need: Sequence[str], where: str) -> None:
@@ -298,11 +304,55 @@ def _run_names(paths: Sequence[Path]) -> list[str]:
     return out
 
 
-def compare_runs(args_runs: Sequence[str | Path]) -> dict[str, Any]:
-    """Rows (headline metrics, then `f1/<label>` per class) x runs, and deltas against the first run."""
+def _sample_count(m: Mapping[str, Any]) -> int:
+    return int(m.get("n", sum(int(c["support"]) for c in m["per_class"].values())))
+
+
+def _prediction_keys(metrics_path: Path) -> set[str] | None:
+    """The keys of predictions.jsonl beside a metrics.json (None when there is none)."""
+    path = metrics_path.parent / "predictions.jsonl"
+    if not path.is_file():
+        return None
+    with path.open(encoding="utf-8") as f:
+        return {json.loads(line)["key"] for line in f if line.strip()}
+
+
+def check_comparable(names: Sequence[str], paths: Sequence[Path], metrics: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse columns of different splits, label sets, sample counts or sample keys (with the fix)."""
+    fix = "compare evaluations of the same split of the same shards, or pass --allow-mixed to show them anyway"
+
+    def refuse(what: str, values: Sequence[Any]) -> None:
+        shown = ", ".join(f"{n}: {v}" for n, v in zip(names, values))
+        raise MixedComparisonError(f"the columns {what} ({shown}); {fix}")
+
+    splits = [m.get("split") for m in metrics]
+    if len({s for s in splits if s is not None}) > 1:
+        refuse("evaluate different splits", splits)
+    if len({tuple(_labels(m)) for m in metrics}) > 1:
+        refuse("predict different label sets", [_labels(m) for m in metrics])
+    counts = [_sample_count(m) for m in metrics]
+    if len(set(counts)) > 1:
+        refuse("hold different numbers of samples", counts)
+    keyed = [(n, p, k) for n, p in zip(names, paths) if (k := _prediction_keys(p)) is not None]
+    for n, p, k in keyed[1:]:
+        n0, p0, k0 = keyed[0]
+        if k != k0:
+            example = sorted(k0 ^ k)[0]
+            raise MixedComparisonError(f"{n0} and {n} hold different samples: {len(k0 - k)} keys only in "
+                                       f"{p0.parent / 'predictions.jsonl'}, {len(k - k0)} only in "
+                                       f"{p.parent / 'predictions.jsonl'} (e.g. {example}); {fix}")
+
+
+def compare_runs(args_runs: Sequence[str | Path], allow_mixed: bool = False) -> dict[str, Any]:
+    """Rows (headline metrics, then `f1/<label>` per class) x runs, and deltas against the first run.
+
+    Each run carries its split and sample count; different splits or sample sets are a
+    MixedComparisonError unless `allow_mixed`."""
     paths = [resolve_metrics_path(r) for r in args_runs]
     metrics = [load_metrics(p) for p in paths]
     names = _run_names(paths)
+    if not allow_mixed:
+        check_comparable(names, paths, metrics)
     labels: list[str] = []
     for m in metrics:  # union of label sets, in order of first appearance
         labels += [x for x in _labels(m) if x not in labels]
@@ -319,7 +369,8 @@ def compare_runs(args_runs: Sequence[str | Path]) -> dict[str, Any]:
     for n in names[1:]:
         deltas[n] = {row: (vals[n] - vals[base] if vals[n] is not None and vals[base] is not None else None)
                      for row, vals in rows.items()}
-    return {"runs": [{"name": n, "metrics": str(p)} for n, p in zip(names, paths)],
+    return {"runs": [{"name": n, "metrics": str(p), "split": m.get("split"), "n": _sample_count(m)}
+                     for n, p, m in zip(names, paths, metrics)],
             "baseline": base, "labels": labels, "rows": rows, "deltas": deltas, "support": support}
 
 
@@ -337,6 +388,9 @@ def format_compare(cmp: Mapping[str, Any]) -> str:
         return f"{v:>+{cw}.4f}" if delta else f"{v:>{cw}.4f}"
 
     lines = [f"{'metric':<{rw}}" + "".join(f"{n:>{cw}}" for n in names) + "".join(f"{d:>{cw}}" for d in dnames)]
+    for what in ("split", "n"):   # what each column was evaluated on
+        lines.append(f"{what:<{rw}}" + "".join(f"{str(r.get(what) if r.get(what) is not None else '?'):>{cw}}"
+                                              for r in cmp["runs"]))
     lines.append("-" * len(lines[0]))
     for i, (row, vals) in enumerate(cmp["rows"].items()):
         if i == len(HEADLINE):
@@ -379,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "headline metrics and per-class F1, optionally compare.png and compare.json.")
     p.add_argument("runs", nargs="+", help="run folders, eval folders or metrics.json files")
     p.add_argument("--out", default="", help="folder for compare.png and compare.json (default: none)")
+    p.add_argument("--allow-mixed", action="store_true",
+                   help="show columns of different splits or sample sets side by side anyway")
     return p
 
 
@@ -386,14 +442,13 @@ def main(argv: list[str] | None = None) -> int:
     """`mmer-dist compare RUN_OR_METRICS ... [--out DIR]`: print the table; with --out write compare.json/png."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        cmp = compare_runs(list(args.runs))
+        cmp = compare_runs(list(args.runs), allow_mixed=args.allow_mixed)
     except (MetricsNotFoundError, ValueError) as e:
         print(f"mmer-dist compare: error: {e}", file=sys.stderr)
         return 2
     print(format_compare(cmp))
-    out = getattr(args, "out", "") or ""
-    if out:
-        out_dir = Path(out)
+    if args.out:
+        out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "compare.json").write_text(json.dumps(cmp, indent=2) + "\n", encoding="utf-8")
         plot_compare(cmp, out_dir / "compare.png")

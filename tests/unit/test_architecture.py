@@ -138,6 +138,10 @@ LAYERS = {
     "mmer_dist.train": {"mmer_dist.config", "mmer_dist.presets", "mmer_dist.weighting", "mmer_dist.dist",
                         "mmer_dist.lifecycle", "mmer_dist.folds", "mmer_dist.data", "mmer_dist.models",
                         "mmer_dist.shards.schema", "mmer_dist.jsonio"},
+    "mmer_dist.experiments.stats": set(),
+    "mmer_dist.experiments": {"mmer_dist.experiments.stats", "mmer_dist.config", "mmer_dist.presets", "mmer_dist.plots",
+                              "mmer_dist.report",
+                              "mmer_dist.shards.schema", "mmer_dist.train.metrics", "mmer_dist.train.checkpoint"},
 }
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mmer_dist import cli
-from mmer_dist.report import (MetricsNotFoundError, compare_runs, format_compare, load_metrics, plot_confusion,
+from mmer_dist.report import (MetricsNotFoundError, MixedComparisonError, compare_runs, format_compare, load_metrics, plot_confusion,
                               plot_curves, plot_per_class_f1, print_table, read_log, write_eval_report)
 from mmer_dist.train.metrics import compute_metrics, write_metrics
 
@@ -215,10 +215,36 @@ def test_compare_same_folder_names_are_disambiguated(tmp_path):
 def test_compare_different_label_sets_shows_dash(tmp_path):
     write_metrics(_metrics(9, labels=["neutral", "joy"]), tmp_path / "m" / "metrics.json")
     write_metrics(_metrics(10, labels=["neutral", "calm"]), tmp_path / "r" / "metrics.json")
-    cmp = compare_runs([tmp_path / "m", tmp_path / "r"])
+    with pytest.raises(MixedComparisonError, match="different label sets.*--allow-mixed"):
+        compare_runs([tmp_path / "m", tmp_path / "r"])
+    cmp = compare_runs([tmp_path / "m", tmp_path / "r"], allow_mixed=True)
     assert cmp["labels"] == ["neutral", "joy", "calm"]
     assert cmp["rows"]["f1/calm"]["m"] is None and cmp["deltas"]["r"]["f1/calm"] is None
     assert "-" in next(ln for ln in format_compare(cmp).splitlines() if ln.startswith("f1/calm"))
+
+
+def test_compare_shows_split_and_n_and_refuses_mixed_columns(tmp_path, capsys):
+    """Issue 17: `compare RUN EVAL_DIR` set a dev figure against a test figure with no split shown."""
+    dev, test = _metrics(11), _metrics(12)
+    dev["split"], test["split"] = "dev", "test"
+    write_metrics(dev, tmp_path / "run" / "metrics.json")
+    write_metrics(test, tmp_path / "run" / "eval-test" / "metrics.json")
+    write_metrics(test, tmp_path / "other" / "eval-test" / "metrics.json")
+    assert cli.main(["compare", str(tmp_path / "run"), str(tmp_path / "run" / "eval-test")]) == 2
+    err = capsys.readouterr().err
+    assert "different splits" in err and "run: dev" in err and "eval-test: test" in err and "--allow-mixed" in err
+    assert cli.main(["compare", str(tmp_path / "run"), str(tmp_path / "run" / "eval-test"), "--allow-mixed"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["split", "dev", "test"] and lines[2].split() == ["n", "80", "80"]
+    smaller = _metrics(13)
+    smaller["n"] = 79
+    write_metrics(smaller, tmp_path / "small" / "metrics.json")
+    with pytest.raises(MixedComparisonError, match=r"different numbers of samples \(eval-test: 80, small: 79\)"):
+        compare_runs([tmp_path / "run" / "eval-test", tmp_path / "small"])
+    for d, keys in (("run/eval-test", ["a", "b"]), ("other/eval-test", ["a", "c"])):   # same n, other samples
+        (tmp_path / d / "predictions.jsonl").write_text("".join(json.dumps({"key": k}) + "\n" for k in keys))
+    with pytest.raises(MixedComparisonError, match=r"1 keys only in .*run/eval-test/predictions.jsonl.*\(e.g. b\)"):
+        compare_runs([tmp_path / "run" / "eval-test", tmp_path / "other" / "eval-test"])
 
 
 def test_compare_missing_metrics_names_path_and_fix(tmp_path, capsys):
