@@ -17,7 +17,13 @@ from mmer_dist.corpora.ravdess import RavdessName
 from mmer_dist.experiments.predictions import (SampleMismatchError, check_same_samples, ensemble, load_predictions,
                                                unit_from_key)
 from mmer_dist.experiments.summary import summarize
-from mmer_dist.train.metrics import compute_metrics, write_metrics, write_predictions
+from mmer_dist.train.metrics import compute_metrics, write_metrics
+
+
+def write_predictions(rows, path):
+    """predictions.jsonl as the evaluator writes it: one JSON row per line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 LABELS = ["neutral", "calm", "happy", "sad"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

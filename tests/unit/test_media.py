@@ -132,7 +132,8 @@ def test_bad_inputs_have_reasons(tmp_path: Path, files: dict[str, Path]) -> None
     (tmp_path / "zero.wav").write_bytes(b"")
     assert _reason(media.encode_audio, tmp_path / "zero.wav") == "empty_file"
     assert _reason(verify_media, tmp_path / "zero.wav", "audio") == "empty_file"
-    (tmp_path / "junk.mp4").write_bytes(os.urandom(5000))
+    # seeded junk: os.urandom sometimes looked like another format to FFmpeg's probe (no_video_stream)
+    (tmp_path / "junk.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
     assert _reason(media.encode_video, tmp_path / "junk.mp4") == "corrupt_media"
     assert _reason(verify_media, tmp_path / "junk.mp4", "video") == "corrupt_media"
     data = files["av"].read_bytes()
