@@ -1,7 +1,7 @@
 """Rank start-up, loader-worker memory and evaluation merge at 1M-10M samples: the compact index vs the old one.
 
-    .venv/bin/python benchmarks/index.py                    # defaults: ~3 CPU-minutes, see below
-    .venv/bin/python benchmarks/index.py --old-10m          # + the old code at 10M (~10 GB, ~95 CPU-s per rank)
+    .venv/bin/python benchmarks/index.py                    # defaults: ~3 CPU-minutes (5-10 min wall here)
+    .venv/bin/python benchmarks/index.py --old-10m          # + the old code at 10M (~11 GB, ~100 CPU-s per run)
     .venv/bin/python benchmarks/index.py --only startup --sizes 1000000 --ranks 8 --keep
 
 What is compared, in the same run: "old" = the code before the compact index (commit 70296c4,
@@ -18,8 +18,9 @@ one `train` split; no tar bytes: start-up reads only the index):
        plain string templates (shard 0 is checked byte-for-byte against json.dumps(indent=1)).
   new  index.json summaries (schema 2) + `samples/train/*.npy` columns, written by the new code's
        `write_index` (mmer_dist.shards.merge).
-They live in `--cache` (default /tmp/mmer-bench-index: ~0.3 GB at 1M old, ~0.35 GB at 10M new;
-~3 GB more with --old-10m) and are deleted at the end unless `--keep` (a kept cache is reused).
+They live in `--cache` (default /tmp/mmer-bench-index: 0.33 GB old at 1M, 0.03 / 0.3 GB new at 1M / 10M;
+3.3 GB more with --old-10m) and are deleted at the end unless `--keep` (a kept cache is reused; the sparse
+tars of the worker figure hold a few MB of real blocks).
 
 Figures, one JSON line each (with the machine, the versions and the 1-minute load average):
   startup   (sizes x ranks x weightings x code) `startup_cpu_s`: CPU seconds (time.process_time) of
@@ -55,9 +56,11 @@ Figures, one JSON line each (with the machine, the versions and the 1-minute loa
             (issue 16): new at 10M under 5 CPU-s and under 300 MB above `import torch` per rank, flat
             in the number of ranks.
 
-Defaults: sizes 1M and 10M, ranks 8 64 512, both weightings; the old code runs at 1M only (at 10M it
-needs ~10 GB and ~95 CPU-s per rank, issue 16), `--old-10m` adds it. CPU-seconds and RSS are the
-figures to quote (the 2 cores here are shared: wall times are not measured).
+Defaults: sizes 1M and 10M, ranks 8 64 512, both weightings; the old code runs at 1M only: at 10M it
+needs ~11 GB and ~100 CPU-s per rank (measured: 96 CPU-s, 11.2 GB), and writing its index 90 CPU-s, so
+`--old-10m` adds it (~12 CPU-minutes more with the defaults; `--ranks 8 --weightings none --workers 0`
+for one figure). CPU-seconds and RSS are the figures to quote (the 2 cores here are shared: wall times
+are not measured; under heavy load CPU-seconds too vary by up to 2x, so compare figures of one run).
 """
 
 from __future__ import annotations
