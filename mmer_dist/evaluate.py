@@ -53,7 +53,7 @@ def evaluate_model(model_path: str | Path, shards: str | Path, split: str, out: 
     from mmer_dist.models.cached import check_embeddings
     from mmer_dist.report import print_table, write_eval_report
     from mmer_dist.shards.schema import load_index
-    from mmer_dist.train.checkpoint import find_export, load_exported, run_dir_of
+    from mmer_dist.train.checkpoint import find_export, load_exported, run_dir_of, selected_on
     from mmer_dist.train.evaluation import evaluate
     from mmer_dist.train.metrics import write_metrics
 
@@ -71,7 +71,8 @@ def evaluate_model(model_path: str | Path, shards: str | Path, split: str, out: 
                                world_size=info.world_size, index=index)
     out = Path(out)
     metrics = evaluate(model, loader, torch.device("cpu"), predictions=out).metrics
-    metrics.update({"split": split, "shards": str(shards), "model": str(export_dir)})
+    metrics.update({"split": split, "shards": str(shards), "model": str(export_dir),
+                    "selected_on": selected_on(export_dir)})
     if dist.is_main():
         write_metrics(metrics, out / "metrics.json")
         run_dir = run_dir_of(export_dir)
@@ -130,7 +131,9 @@ def evaluate_ensemble(models: list[str | Path], shards: str | Path, split: str, 
     if dist.is_main():
         metrics = average_predictions([out / "members" / str(i) / "predictions.jsonl" for i in range(len(models))],
                                       out, labels)
+        chosen = sorted({str(m.get("selected_on")) for m in members})
         metrics.update({"split": split, "shards": str(shards), "unit": members[0].get("unit", "utterance"),
+                        "selected_on": chosen[0] if len(chosen) == 1 else ",".join(chosen),
                         "ensemble": [m["model"] for m in members],
                         "members": [{k: m[k] for k in ("model", "macro_f1", "weighted_f1", "accuracy", "uar")}
                                     for m in members]})

@@ -165,7 +165,7 @@ def plot_curves(run_dir: str | Path, path: str | Path) -> "Figure":
         warnings.warn(f"{log_path}: {len(bad)} lines are not JSON objects with a 'step' and were skipped "
                       f"(lines {bad[:10]}{'...' if len(bad) > 10 else ''})", stacklevel=2)
     is_train = lambda s: s == "train"  # noqa: E731
-    eval_splits = sorted({str(r.get("split")) for r in rows if r.get("split", "train") != "train"})
+    eval_splits = sorted({str(r.get("split")) for r in rows if r.get("split", "train") not in ("train", "epoch")})
 
     fig = agg_figure(13.0, 3.8)
     ax_loss, ax_lr, ax_f1 = fig.subplots(1, 3)

@@ -4,7 +4,7 @@
     read, skipped, degraded = acct.running()     # a collective, cheap: three numbers (log lines)
     acct.check(read, skipped)                    # DataError past data.max_skip_fraction, naming the last skip
     acct.store(state)                            # a collective: per-reason totals into the checkpoint state
-    record = acct.end_epoch(state)               # a collective: {"epoch_end", "samples", "digest"}
+    record = acct.end_epoch(epoch)               # a collective: {"epoch_end", "samples", "digest"} (split "epoch")
 
 The rank loaders count what this process drew since it started (mmer_dist.data.loader.SampleCounts);
 the checkpoint keeps the run's totals, so a resumed run continues them, on any number of ranks. The

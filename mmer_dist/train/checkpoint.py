@@ -167,6 +167,13 @@ def find_export(model_path: str | Path) -> Path:
                             f"(or RUN_DIR/{CHECKPOINT_DIR}/step-N).")
 
 
+def selected_on(model_dir: Path) -> str | None:
+    """The split an exported model was chosen on (train.select's evaluations); None for a checkpoint of a step."""
+    if is_checkpoint(model_dir):
+        return None
+    return read_json(model_dir / EXPORT_META, fix="restore the export, or evaluate a checkpoint").get("info", {}).get("split")
+
+
 def run_dir_of(model_dir: Path) -> Path:
     """The run folder of an exported model (RUN/export, RUN/best) or of a checkpoint (RUN/checkpoints/step-N)."""
     return model_dir.parent.parent if is_checkpoint(model_dir) else model_dir.parent

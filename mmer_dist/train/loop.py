@@ -264,7 +264,7 @@ class Run:
         # The state always names the next batch to consume, so a checkpoint taken now resumes after it.
         state.batches_in_epoch += 1
         if self.train_loader.epoch_done:
-            self.log.write({"step": state.step, "epoch": state.epoch, "split": "train",
+            self.log.write({"step": state.step, "epoch": state.epoch, "split": "epoch",   # a finished epoch
                             **self.accounting.end_epoch(state.epoch)})
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
             self.train_loader.set_epoch(state.epoch)
