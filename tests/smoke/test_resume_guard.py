@@ -130,6 +130,7 @@ def test_eval_and_predict_accept_a_checkpoint_folder(run4, synth_meld_shards, tm
     ckpt_metrics, run_metrics = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("ckpt", "run"))
     assert ckpt_metrics.pop("model") == str(last)
     run_metrics.pop("model")
+    assert ckpt_metrics.pop("selected_on") is None and run_metrics.pop("selected_on") == "dev"   # a step vs the best
     assert ckpt_metrics == run_metrics
     assert (tmp_path / "ckpt" / "curves.png").exists()              # the run folder's log, found from the checkpoint
     capsys.readouterr()

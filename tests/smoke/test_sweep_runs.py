@@ -159,7 +159,7 @@ def test_two_seeds_by_two_speaker_folds(ravdess_all_shards, tmp_path):
     the summary pools the folds (every clip once per seed)."""
     out = tmp_path / "folds"
     cmd = _mmer("sweep", "--config", "debug", "--shards", str(ravdess_all_shards), "--out", str(out), "--seeds", "0,1",
-                "--folds", "all", "data.folds=2", "data.dev_speakers=2", *TRAIN[:3], "train.max_steps=6",
+                "--folds", "all", "data.folds=2", "data.dev_speakers=2", *TRAIN[:2], "train.max_steps=6",
                 "train.eval_every=3")
     done = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
