@@ -88,12 +88,52 @@ def cache_root(cache_dir: str | Path = "") -> Path:
     return Path(cache_dir or os.environ.get("MMER_CACHE") or "~/.cache/mmer_dist").expanduser()
 
 
+def sync_command(folder: str, url: str) -> str:
+    """The one line that uploads a finished shards folder to `url` with the standard tool, index.json last (a
+    reader never sees an index before its shards) and no lock or temp files (dot files)."""
+    dest = url.rstrip("/")
+    if dest.startswith(("s3://", "s3a://")):
+        return (f"aws s3 sync {folder} {dest} --exclude 'index.json' --exclude '.*' "
+                f"&& aws s3 cp {folder}/index.json {dest}/index.json")
+    if dest.startswith("gs://"):
+        return (f"gsutil -m rsync -r -x '(^|.*/)\\..*|index\\.json$' {folder} {dest} "
+                f"&& gsutil cp {folder}/index.json {dest}/index.json")
+    return (f"rclone copy {folder} REMOTE:{dest.split('://', 1)[-1]} --exclude index.json --exclude '.*' "
+            f"&& rclone copy {folder}/index.json REMOTE:{dest.split('://', 1)[-1]}")
+
+
+def local_output(out: str | Path, flag: str = "--out") -> Path:
+    """`out` as a local folder; a URL is refused with the upload command (why: the README, "Shards by URL")."""
+    if str(out).startswith("pipe:"):
+        raise ValueError(f"{flag} {redact(str(out))}: a pipe: location is read-only; write to a folder")
+    loc = Location(out)
+    if loc.is_local:
+        return loc.root
+    raise ValueError(f"{flag} {redact(str(out))}: packing writes a local folder (each shard to a temp file, fsync, "
+                     f"rename, its stats last: what lets an interrupted run resume), which object storage cannot do. "
+                     f"Write to a local or cluster folder, then upload it in one line, e.g.\n  "
+                     f"{sync_command('OUT', redact(str(out)))}")
+
+
 _PERMANENT = (ValueError, TypeError, ImportError, NotADirectoryError, IsADirectoryError, PermissionError)
 _PERMANENT_NAMES = {"NoCredentialsError", "PartialCredentialsError", "InvalidConfigError", "ParamValidationError"}
 
 
 def _permanent(e: BaseException) -> bool:
     return isinstance(e, _PERMANENT) or type(e).__name__ in _PERMANENT_NAMES
+
+
+def _call(fn: Callable[[], T]) -> T:
+    """fn(), with fsspec's two meanings of FileNotFoundError told apart: "no such object" (no cause, or a 404
+    as its cause) becomes ShardMissing; "the server cannot be reached" (fsspec's HTTP client raises it with the
+    connection error as its cause) a ConnectionError, which is retried."""
+    try:
+        return fn()
+    except FileNotFoundError as e:
+        cause = e.__cause__
+        if cause is None or getattr(cause, "status", None) in (404, 410):
+            raise ShardMissing(str(e)) from None
+        raise ConnectionError(f"cannot reach the server ({type(cause).__name__}: {cause})") from e
 
 
 class Location:
@@ -181,8 +221,8 @@ class Location:
         p = self.policy
         for attempt in range(1, p.attempts + 1):
             try:
-                return fn()
-            except FileNotFoundError:
+                return _call(fn)
+            except ShardMissing:
                 raise ShardMissing(f"{self.shown(name)}: not found (the index of {self.shown()} lists it; upload or "
                                    f"re-pack it, or point data.shards at the complete copy)") from None
             except Exception as e:
