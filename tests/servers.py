@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,13 +24,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from helpers import free_port
 from mmer_dist.lifecycle import die_with_parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LoopbackServer:
