@@ -123,6 +123,15 @@ def _permanent(e: BaseException) -> bool:
     return isinstance(e, _PERMANENT) or type(e).__name__ in _PERMANENT_NAMES
 
 
+def _hint(e: BaseException) -> str:
+    """The fix of a permanent failure, when there is a usual one."""
+    if isinstance(e, ImportError):
+        return " (s3:// and gs:// come with pip install 'mmer_dist[s3]' / 'mmer_dist[gcs]')"
+    if isinstance(e, PermissionError) or "Credentials" in type(e).__name__:
+        return " (check the credentials in the environment, ~/.aws, GOOGLE_APPLICATION_CREDENTIALS or ~/.netrc)"
+    return ""
+
+
 def _call(fn: Callable[[], T]) -> T:
     """fn(), with fsspec's two meanings of FileNotFoundError told apart: "no such object" (no cause, or a 404
     as its cause) becomes ShardMissing; "the server cannot be reached" (fsspec's HTTP client raises it with the
@@ -200,9 +209,10 @@ class Location:
         with self.open_stream(name) as f:
             return f.read()
 
-    def open_stream(self, name: str) -> "ResumableReader":
-        """A reader of file `name` front to back; opened lazily, reopened at its position after a transient error."""
-        return ResumableReader(self, name)
+    def open_stream(self, name: str) -> io.BufferedReader:
+        """A reader of file `name` front to back; opened lazily, reopened at its position after a transient error.
+        Buffered by CHUNK: a tar reader's small reads would otherwise each cross into fsspec's event loop."""
+        return io.BufferedReader(ResumableReader(self, name), CHUNK)
 
     def size(self, name: str) -> int | None:
         """Bytes of file `name` (one stat or HEAD request); None through a pipe. ShardMissing when absent."""
@@ -229,9 +239,7 @@ class Location:
                 if recover is not None:
                     recover()
                 if _permanent(e):
-                    hint = " (check the credentials in the environment or ~/.aws, ~/.netrc)" \
-                        if isinstance(e, PermissionError) or "Credentials" in type(e).__name__ else ""
-                    raise ShardReadError(f"{self.shown(name)}: {type(e).__name__}: {redact(e)}{hint}") from e
+                    raise ShardReadError(f"{self.shown(name)}: {type(e).__name__}: {redact(e)}{_hint(e)}") from e
                 if attempt == p.attempts:
                     raise ShardReadError(
                         f"{self.shown(name)}: unreadable after {p.attempts} attempts over "
