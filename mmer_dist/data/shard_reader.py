@@ -41,10 +41,13 @@ MAX_WORKERS = 64
 def map_refusal(location: Location) -> str:
     """Why random access (data.loader=map) does not read `location`, and the two fixes (mmer_dist.data.build says
     why a local copy is not filled instead)."""
-    return (f"data.shards={location} is not a local folder, and data.loader=map reads one byte range per sample at "
+    url = location.shown()
+    copy = (f"aws s3 sync {url} /scratch/shards" if url.startswith("s3") else
+            f"gsutil -m rsync -r {url} /scratch/shards" if url.startswith("gs://") else "rclone copy ... /scratch/shards")
+    return (f"data.shards={url} is not a local folder, and data.loader=map reads one byte range per sample at "
             f"random (~150k requests/s at 300 samples/s on 512 GPUs, beyond what object storage serves). Set "
-            f"data.loader=stream (whole tars read front to back), or copy the shards to a filesystem (e.g. `aws s3 "
-            f"sync s3://BUCKET/PATH /scratch/shards`, `rclone copy`) and set data.shards to that folder")
+            f"data.loader=stream (whole tars read front to back), or copy the shards to a filesystem (`{copy}`) "
+            f"and set data.shards to that folder")
 
 
 def raise_file_limit() -> int:
