@@ -83,7 +83,8 @@ class LocalHttp:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.proc = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory",
-                                      str(folder), str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                      str(folder), str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(100):
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{self.port}/", timeout=1).close()
@@ -116,7 +117,8 @@ def bench_url(shards: Path, cfg: Any, tok: Any, workers: list[int], repeat: int)
                     rates[where].append(epoch_rate(loader, epoch)[1])
             best = {where: max(r[1:]) for where, r in rates.items()}
             emit("stream_url", workers=w, folder_samples_per_s=round(best["folder"], 1),
-                 http_samples_per_s=round(best["http"], 1), ratio_http_vs_folder=round(best["http"] / best["folder"], 3),
+                 http_samples_per_s=round(best["http"], 1),
+                 ratio_http_vs_folder=round(best["http"] / best["folder"], 3),
                  samples=len(loaders["http"]) * cfg.batch_size, batch_size=cfg.batch_size, url=url,
                  loadavg=os.getloadavg()[0])
 

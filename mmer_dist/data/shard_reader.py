@@ -30,7 +30,8 @@ from torch.utils.data import get_worker_info
 from mmer_dist.config import ConfigError, DataConfig
 from mmer_dist.data.decode import Decoder, DecodeError, Skipped
 from mmer_dist.shards.location import Location
-from mmer_dist.shards.schema import SampleRows, Samples, ShardIndex, load_index, split_index, split_members, split_samples
+from mmer_dist.shards.schema import (SampleRows, Samples, ShardIndex, load_index, split_index, split_members,
+                                     split_samples)
 
 DEFAULT_OPEN_FILES = 64
 """Descriptors a process keeps open per dataset (train and eval each have their own cache)."""

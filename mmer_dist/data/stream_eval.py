@@ -100,7 +100,7 @@ class StreamEvalLoader(SampleCounts):
 
         return wds.DataPipeline(
             wds.SimpleShardList(self.shards.names),                                   # every shard, index order
-            wds.filters.pipelinefilter(split_by_rank)(self.rank, self.world_size),    # node split: shard i -> rank i % R
+            wds.filters.pipelinefilter(split_by_rank)(self.rank, self.world_size),    # node split: shard i -> i % R
             wds.split_by_worker,                                                      # worker split within the rank
             wds.filters.pipelinefilter(read_shards)(self.shards),                     # tar -> samples + split positions
             wds.map(StreamDecode(self.decoder, 0)),                                   # centre crops (eval decoder)

@@ -54,7 +54,8 @@ def test_s3_trains_evaluates_and_inspects_like_the_folder(s3, synth_meld_shards,
     assert train_main([*_stream("train.max_steps=4", "train.eval_every=4"), "--shards", S3, "--out", str(run)]) == 0
     assert _metrics(run / "metrics.json")["shards"] == S3 and _metrics(run / "metrics.json")["n"] == 23
     for where, shards in (("local", str(synth_meld_shards)), ("s3", S3)):
-        assert eval_main(["--model", str(run), "--shards", shards, "--split", "test", "--out", str(tmp_path / where)]) == 0
+        out = str(tmp_path / where)
+        assert eval_main(["--model", str(run), "--shards", shards, "--split", "test", "--out", out]) == 0
     a, b = _metrics(tmp_path / "local" / "metrics.json"), _metrics(tmp_path / "s3" / "metrics.json")
     assert {k: v for k, v in a.items() if k != "shards"} == {k: v for k, v in b.items() if k != "shards"}
     assert (tmp_path / "local" / "predictions.jsonl").read_text() == (tmp_path / "s3" / "predictions.jsonl").read_text()
