@@ -201,6 +201,7 @@ def torchrun(nproc: int, args: list[str], module: str = "mmer_dist.train") -> li
 
 
 def log_records(run: Path, split: str | None = "train") -> list[dict]:
-    """The run's log.jsonl records of `split` (None: every record, epoch ends included)."""
+    """The run's log.jsonl step records of `split` (its loss or metrics; None: every record, the epoch ends
+    `{"epoch_end", "samples", "digest"}` included)."""
     records = list(map(json.loads, (run / "log.jsonl").read_text().splitlines()))
-    return [r for r in records if split is None or r.get("split") == split]
+    return [r for r in records if split is None or (r.get("split") == split and "epoch_end" not in r)]
