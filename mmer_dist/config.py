@@ -70,7 +70,17 @@ class DataConfig:
     """Where the shards are and how samples are decoded and batched."""
 
     shards: str = "shards/out/synthetic-meld"
-    """Folder written by `mmer-dist pack` (or `embed`)."""
+    """Folder written by `mmer-dist pack` (or `embed`), or its URL: s3://, gs://, http(s)://, file://, or
+    `pipe:CMD` with {shard} for the file name (README, "Shards by URL"). URLs are read by streaming
+    (data.loader=stream); credentials come from the storage library's environment and files, never from here."""
+    cache_dir: str = ""
+    """Node-local folder for the copy of a URL's compact index (fetched once per node, keyed by index.json's
+    sha256); "" = $MMER_CACHE, else ~/.cache/mmer_dist."""
+    read_retries: int = 8
+    """Attempts per read of a file behind a URL (transient errors, backoff 0.5 s doubling up to 16 s); then the
+    run stops with a DataError naming the URL."""
+    read_timeout_s: float = 60.0
+    """Connect and socket-read timeout of URL reads: a server that stops answering costs a retry, not a hang."""
     modalities: tuple[str, ...] = ("text", "audio", "video")
     """Modalities fed to the model; the others are ignored even when the shards hold them."""
     train_split: str = "train"
@@ -90,8 +100,9 @@ class DataConfig:
     """With num_workers > 0: a worker that delivers no batch for this long (stalled, out of file handles for
     shared memory, ...) ends the run with its error and what it was reading, instead of a hang."""
     loader: str = "map"
-    """map: random access into the tars via the index (exact weighted sampler, mid-epoch resume);
-    stream: WebDataset streaming with resampled shards and a fixed epoch length."""
+    """map: random access into the tars via the index (exact weighted sampler, mid-epoch resume; local
+    folders only); stream: WebDataset streaming with resampled shards and a fixed epoch length (any URL);
+    evaluation streams too with stream or a URL."""
     steps_per_epoch: int = 0
     """Optimizer-independent loader steps per epoch on every rank; 0 = the split size / global batch."""
     shuffle_buffer: int = 1000
@@ -136,6 +147,8 @@ class DataConfig:
         _check(self.global_batch_size >= 0, f"data.global_batch_size={self.global_batch_size} must be >= 0 (0 = off)")
         _check(self.eval_batch_size >= 1, f"data.eval_batch_size={self.eval_batch_size} must be >= 1")
         _check(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
+        _check(self.read_retries >= 1, f"data.read_retries={self.read_retries} must be >= 1 (attempts per read)")
+        _check(self.read_timeout_s > 0, f"data.read_timeout_s={self.read_timeout_s} must be > 0 (seconds)")
         _check(self.loader_timeout_s > 0, f"data.loader_timeout_s={self.loader_timeout_s} must be > 0 (seconds)")
         _check_choice("data.loader", self.loader, ("map", "stream"))
         _check(self.steps_per_epoch >= 0, "data.steps_per_epoch must be >= 0 (0 = derived from the split size)")

@@ -29,6 +29,11 @@ Distribution: rank r of R writes the not-yet-complete output shards i with i % R
 rank 0, and broadcast): each sample is embedded exactly once and a shard's bytes depend only on its input
 shard, the encoders and `data.eval_batch_size`, never on R. A killed run resumes with the same command:
 complete shards (stats file present) are kept, partial ones redone.
+
+Input behind a URL (`--shards s3://b/meld`, mmer_dist.shards.location): each rank first copies the index
+and its own input shards into the node cache (data.cache_dir), one front-to-back read per shard (the
+length-sorted, rank-independent batches need random access inside a shard), embeds from there and
+deletes the copies. The output is always a local folder; upload it with the README's one line.
 """
 
 from __future__ import annotations
@@ -51,8 +56,9 @@ from mmer_dist.config import Config, ConfigError, replace
 from mmer_dist.jsonio import read_json
 from mmer_dist.presets import load_config, to_dict
 from mmer_dist.shards.merge import merge_stats, record_diff, split_lines, write_index
-from mmer_dist.shards.schema import (META_EXT, SKIPPED_FILE, SampleEntry, ShardIndex, ShardStats, load_index,
-                                     read_stats, write_json_atomic)
+from mmer_dist.shards.location import Location, ShardMissing, local_output
+from mmer_dist.shards.schema import (INDEX_FILE, META_EXT, SAMPLE_DTYPE, SAMPLES_DIR, SKIPPED_FILE, SampleEntry,
+                                     ShardIndex, ShardStats, load_index, read_stats, stats_name, write_json_atomic)
 
 if TYPE_CHECKING:
     import torch
@@ -244,11 +250,11 @@ def _embed_split(e: _Embedder, split: str, jobs: list[tuple[str, int]]) -> tuple
 # --------------------------------------------------------------------------- the run
 
 
-def _run_record(cfg: Config, shards_in: Path, index_in: ShardIndex, modalities: tuple[str, ...],
+def _run_record(cfg: Config, source: str, index_in: ShardIndex, modalities: tuple[str, ...],
                 records: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Everything that decides the output bytes (compared on resume)."""
+    """Everything that decides the output bytes (compared on resume); `source` names the input."""
     d = to_dict(cfg.data)
-    return {"input": str(shards_in.resolve()), "input_extra": index_in.extra, "modalities": list(modalities),
+    return {"input": source, "input_extra": index_in.extra, "modalities": list(modalities),
             "encoders": records, "batch_size": cfg.data.eval_batch_size,
             "decode": {k: d[k] for k in ("sample_rate", "max_audio_seconds", "video_frames", "video_size",
                                           "max_text_tokens")}}
@@ -272,7 +278,7 @@ def _check_out(out: Path, record: dict[str, Any]) -> None:
 
 
 def _merge(out: Path, shards_in: Path, index_in: ShardIndex, plan: list[tuple[str, str, int]],
-           records: dict[str, dict[str, Any]], record_hash: str) -> ShardIndex:
+           records: dict[str, dict[str, Any]], record_hash: str, source: str) -> ShardIndex:
     """index.json (same splits and shard order as the input) and skipped.json, from the stats files."""
     labels = list(index_in.labels)
     merged = merge_stats(out, [(split, name) for split, name, _ in plan], labels, list(index_in.splits))
@@ -280,7 +286,7 @@ def _merge(out: Path, shards_in: Path, index_in: ShardIndex, plan: list[tuple[st
     from mmer_dist.models.cached import EMBEDDINGS_KEY
 
     index = merged.index(index_in.corpus, EMBED_PROFILE, index_in.group_unit,
-                         extra={EMBEDDINGS_KEY: records, "embed_hash": record_hash, "input": str(shards_in.resolve()),
+                         extra={EMBEDDINGS_KEY: records, "embed_hash": record_hash, "input": source,
                                 "input_profile": index_in.profile, "input_extra": index_in.extra})
     skipped = shards_in / SKIPPED_FILE
     before = read_json(skipped, fix="re-run the `mmer-dist pack` that wrote it") if skipped.exists() else {}
@@ -291,6 +297,30 @@ def _merge(out: Path, shards_in: Path, index_in: ShardIndex, plan: list[tuple[st
         "embed": {"dropped": dict(sorted(dropped.items())), "files": merged.files}, "input": before})
     write_index(out, index, merged.samples)        # index.json last: the folder is complete
     return index
+
+
+def _local_input(location: Location, index: ShardIndex, shards: list[str], main: bool) -> Path:
+    """The input folder to read `shards` from: the shards folder itself, or, behind a URL, a node-local copy of
+    the index and of this rank's input shards (each fetched once, front to back; see the module docstring)."""
+    if location.is_local:
+        return location.root
+    names = [INDEX_FILE, *(f"{SAMPLES_DIR}/{split}/{f}.npy" for split in index.splits for f in SAMPLE_DTYPE.names),
+             *(n for name in shards for n in (name, stats_name(name)))]
+    folder = location.cached(names, index.sha256)
+    if main and not (folder / SKIPPED_FILE).exists():
+        try:                                              # the input's skip report, carried into the output's
+            location.copy_to(SKIPPED_FILE, folder / SKIPPED_FILE)
+        except ShardMissing:
+            pass
+    return folder
+
+
+def _drop_copies(location: Location, folder: Path, shards: list[str]) -> None:
+    """Delete this rank's local copies of input shards (the index copy stays for the loaders)."""
+    if not location.is_local:
+        for name in shards:
+            for n in (name, stats_name(name)):
+                (folder / n).unlink(missing_ok=True)
 
 
 def embed(cfg: Config, shards_in: str | Path, out: str | Path, *, progress: bool = True) -> EmbedResult:
@@ -304,24 +334,27 @@ def embed(cfg: Config, shards_in: str | Path, out: str | Path, *, progress: bool
     from mmer_dist.shards.writer import is_complete
 
     t0 = time.perf_counter()
-    shards_in, out = Path(shards_in), Path(out)
+    from mmer_dist.data.build import shards_location
+
+    location, out = shards_location(cfg.data, shards_in), local_output(out)
+    source = str(location.root.resolve()) if location.is_local else location.shown()
     info = dist.init_process_group()
-    index_in = load_index(shards_in)
+    index_in = load_index(location)
     if EMBEDDINGS_KEY in index_in.extra:
-        raise EmbedError(f"{shards_in} already holds embeddings (made by `mmer-dist embed`); embed the media "
+        raise EmbedError(f"{location} already holds embeddings (made by `mmer-dist embed`); embed the media "
                          f"shards it was made from ({index_in.extra.get('input', '?')})")
     held = {m for si in index_in.splits.values() for m, n in si.modalities.items() if n}
     modalities = tuple(cfg.data.modalities)
     missing = [m for m in modalities if m not in held]
     if missing:
-        raise EmbedError(f"data.modalities={list(modalities)} but {shards_in} holds no {', '.join(missing)} "
+        raise EmbedError(f"data.modalities={list(modalities)} but {location} holds no {', '.join(missing)} "
                          f"(it holds {', '.join(sorted(held)) or 'nothing'}); set data.modalities="
                          f"[{','.join(m for m in modalities if m in held)}]")
     model, records = build_frozen_encoders(cfg.model, cfg.data, cfg.train.seed, modalities, len(index_in.labels))
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     model.to(device)
     tokenizer = build_tokenizer(model.encoders["text"].cfg) if "text" in modalities else None
-    record = _run_record(cfg, shards_in, index_in, modalities, records)
+    record = _run_record(cfg, source, index_in, modalities, records)
     record_hash = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
     t_setup = time.perf_counter() - t0
 
@@ -337,6 +370,7 @@ def embed(cfg: Config, shards_in: str | Path, out: str | Path, *, progress: bool
     if not dist.is_main():
         _check_out(out, record)                     # now exists: verifies the same settings on every rank
     mine = todo[info.rank::info.world_size]
+    shards_in = _local_input(location, index_in, [name for _, name, _ in mine], dist.is_main())
     sizes = {(split, name): si.sizes[pos] for split, name, pos in plan for si in [index_in.splits[split]]}
     bar = tqdm(total=sum(sizes[(s, n)] for s, n, _ in mine), desc=f"embed {','.join(modalities)}", unit="sample",
                disable=not (progress and dist.is_main()), dynamic_ncols=sys.stderr.isatty(),
@@ -356,8 +390,9 @@ def embed(cfg: Config, shards_in: str | Path, out: str | Path, *, progress: bool
     dist.barrier()
     index = None
     if dist.is_main() and all(is_complete(out, name) for _, name, _ in plan):
-        index = _merge(out, shards_in, index_in, plan, records, record_hash)
+        index = _merge(out, shards_in, index_in, plan, records, record_hash, source)
     dist.barrier()
+    _drop_copies(location, shards_in, [name for _, name, _ in mine])
     return EmbedResult(out=out, planned_shards=len(plan), written=written, resumed=len(plan) - len(todo),
                        samples=n_samples, dropped=dict(dropped), seconds=time.perf_counter() - t0, records=records,
                        index=index, timings={"setup": round(t_setup, 3), "embed": round(t_embed, 3)})
@@ -387,8 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "shards (same keys and splits) to train kind=cached models on. Resumable: run the "
                                    "same command again; with torchrun -m mmer_dist.embed each rank embeds its shards.")
     p.add_argument("--config", required=True, help="preset name or YAML naming the encoders")
-    p.add_argument("--shards", required=True, help="media shards folder")
-    p.add_argument("--out", required=True, help="embedding shards folder")
+    p.add_argument("--shards", required=True, help="media shards folder or URL (s3://, gs://, http(s)://, file://, "
+                                                   "pipe:CMD with {shard}; each rank copies its input shards first)")
+    p.add_argument("--out", required=True, help="embedding shards folder (local; upload it afterwards: README)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.text.pooling=mean")
     return p
 

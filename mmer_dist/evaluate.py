@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run folder (uses its exported best model), exported model folder, or a checkpoint folder "
                         "RUN/checkpoints/step-N; several: their ensemble (the average of the members' probabilities), "
                         "each member also evaluated in OUT/members/N")
-    p.add_argument("--shards", required=True, help="shards folder")
+    p.add_argument("--shards", required=True, help="shards folder or URL (s3://, gs://, http(s)://, file://, "
+                                                   "pipe:CMD with {shard}); a URL is streamed")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--out", required=True, help="folder for metrics.json, predictions.jsonl and the plots")
     p.add_argument("--batch-size", type=int, default=32, help="evaluation batch size per process (default: 32)")
@@ -48,7 +49,7 @@ def evaluate_model(model_path: str | Path, shards: str | Path, split: str, out: 
 
     from mmer_dist import dist
     from mmer_dist.config import replace
-    from mmer_dist.data.build import build_eval_loader
+    from mmer_dist.data.build import build_eval_loader, shards_location
     from mmer_dist.models import build_tokenizer
     from mmer_dist.models.cached import check_embeddings
     from mmer_dist.report import print_table, write_eval_report
@@ -60,7 +61,8 @@ def evaluate_model(model_path: str | Path, shards: str | Path, split: str, out: 
     info = dist.init_process_group()
     export_dir = find_export(model_path)
     model, model_cfg, data_cfg, labels = load_exported(export_dir)
-    index = load_index(shards)
+    location = shards_location(data_cfg, shards)
+    index = load_index(location)
     check_embeddings(index.extra, model_cfg, data_cfg.modalities, shards)   # cached model <-> embeddings of its encoder
     if list(index.labels) != labels:
         raise ValueError(f"the model predicts {labels} but {shards} is labelled {list(index.labels)}; "
@@ -71,7 +73,7 @@ def evaluate_model(model_path: str | Path, shards: str | Path, split: str, out: 
                                world_size=info.world_size, index=index)
     out = Path(out)
     metrics = evaluate(model, loader, torch.device("cpu"), predictions=out).metrics
-    metrics.update({"split": split, "shards": str(shards), "model": str(export_dir),
+    metrics.update({"split": split, "shards": location.shown(), "model": str(export_dir),
                     "selected_on": selected_on(export_dir)})
     if dist.is_main():
         write_metrics(metrics, out / "metrics.json")
@@ -145,14 +147,19 @@ def evaluate_ensemble(models: list[str | Path], shards: str | Path, split: str, 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from mmer_dist.data.loader import DataError
+
     try:
         if len(args.model) > 1:
             evaluate_ensemble(args.model, args.shards, args.split, args.out, args.batch_size)
         else:
             evaluate_model(args.model[0], args.shards, args.split, args.out, args.batch_size)
-    except (FileNotFoundError, KeyError, ValueError) as e:   # ConfigError is a ValueError
+    except (OSError, KeyError, ValueError) as e:   # ConfigError is a ValueError; unreadable URLs are OSErrors
         print(f"mmer-dist eval: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
+    except DataError as e:                 # a shard that cannot be read or is damaged: named, no traceback
+        print(f"mmer-dist eval: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

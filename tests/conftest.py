@@ -46,3 +46,36 @@ def synth_meld_shards(synth_meld_raw, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "meld"
     pack("meld", synth_meld_raw, out, profile="train", workers=1, shard_samples=20, video_size=32, video_fps=4.0)
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _node_cache(tmp_path_factory):
+    """The node cache of URL indexes (MMER_CACHE) in the session's tmp folder: no test writes ~/.cache."""
+    os.environ["MMER_CACHE"] = str(tmp_path_factory.mktemp("mmer_cache"))
+
+
+@pytest.fixture(scope="session")
+def http_shards(synth_meld_shards):
+    """`synth_meld_shards` served by a real http.server on loopback: its URL."""
+    from servers import HttpServer
+
+    with HttpServer(synth_meld_shards.parent) as server:
+        yield f"{server.url}/{synth_meld_shards.name}"
+
+
+@pytest.fixture(scope="session")
+def s3_server(synth_meld_shards, tmp_path_factory):
+    """moto's S3 server on loopback holding `synth_meld_shards` as s3://bucket/shards."""
+    from servers import S3Server
+
+    with S3Server(log=tmp_path_factory.mktemp("moto") / "server.log") as server:
+        server.put(synth_meld_shards, "bucket/shards")
+        yield server
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The S3 server with this test's environment pointing s3fs at it (dummy credentials)."""
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    return s3_server

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import socket
+import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -168,3 +171,37 @@ def make_samples(split: str, n: int, seed: int = 0, corrupt: tuple[int, ...] = (
             members["flac"] = flac(dur, seed=i)
         out.append({"key": key, "label_id": label, "members": members, "duration": dur if i not in no_audio else 0.0})
     return out
+
+
+# --------------------------------------------------------------------------- runs of the real entry points
+
+
+def train_overrides(*extra: str) -> list[str]:
+    """The smoke tests' debug training: text + audio, dropout off (so runs with different process counts
+    compute the same losses), a line per step."""
+    return ["data.modalities=[text,audio]", "model.fusion.dropout=0.0", "model.text.dropout=0.0",
+            "model.audio.dropout=0.0", "train.log_every=1",
+            "optim.warmup_steps=2", "data.batch_size=8", *extra]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_env(**extra: str) -> dict[str, str]:
+    """The environment of a subprocess run: one thread, unbuffered, plus `extra`."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def torchrun(nproc: int, args: list[str], module: str = "mmer_dist.train") -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(free_port()), "-m", module, *args]
+
+
+def log_records(run: Path, split: str | None = "train") -> list[dict]:
+    """The run's log.jsonl step records of `split` (its loss or metrics; None: every record, the epoch ends
+    `{"epoch_end", "samples", "digest"}` included)."""
+    records = list(map(json.loads, (run / "log.jsonl").read_text().splitlines()))
+    return [r for r in records if split is None or (r.get("split") == split and "epoch_end" not in r)]

@@ -21,14 +21,14 @@ import numpy as np
 
 from mmer_dist.config import DataConfig
 from mmer_dist.folds import FoldError, speaker_folds
-from mmer_dist.shards.schema import Samples, ShardIndex, split_index
+from mmer_dist.shards.schema import ShardIndex, split_index, split_samples
 
 FOLD_SPLITS = ("train", "dev", "test")
 
 
-def _speaker_ids(index: ShardIndex, root: str | Path, split: str) -> np.ndarray:
-    si = split_index(index, split, root)
-    return np.asarray(Samples(root, split, si.num_samples)["speaker"])
+def _speaker_ids(index: ShardIndex, root: Any, split: str) -> np.ndarray:
+    split_index(index, split, root)                    # a missing split named with the shards folder
+    return np.asarray(split_samples(index, split)["speaker"])
 
 
 def fold_speakers(index: ShardIndex, root: str | Path, cfg: DataConfig) -> dict[str, list[str]]:

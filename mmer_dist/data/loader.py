@@ -130,8 +130,12 @@ def batches_of(loader: Any, reading: Callable[[], str]) -> Iterator[dict[str, An
     its error and what the workers were reading (`reading()`), in the main process."""
     try:
         yield from loader
-    except DataError:
-        raise
+    except DataError as e:
+        text = str(e)
+        if "Original Traceback" not in text:
+            raise
+        # raised in a worker: torch re-raises it with the worker's traceback as the message; keep ours
+        raise DataError(text.rsplit("DataError: ", 1)[-1].strip()) from e
     except Exception as e:         # a worker's exception, re-raised here by torch with its traceback as text
         first = next((line for line in reversed(str(e).strip().splitlines()) if line.strip()), str(e))
         raise DataError(f"a data loader worker failed: {first.strip()[:500]}. The workers were reading: {reading()}. "

@@ -211,6 +211,7 @@ class MapEvalLoader(SampleCounts):
         self.dataset, self.batches = dataset, batches
         self.label_names, self.class_counts = dataset.label_names, dataset.class_counts
         self.num_samples = len(dataset)
+        self.samples, self.speakers, self.group_unit = dataset.samples, dataset.speakers, dataset.group_unit
         self.loader = _dataloader(dataset, batches, collate, dataset.cfg)
 
     def __len__(self) -> int:

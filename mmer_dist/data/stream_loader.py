@@ -1,21 +1,25 @@
-"""The streaming rank loader (`data.loader=stream`): an explicit WebDataset pipeline per rank and worker.
+"""The streaming rank loader (`data.loader=stream`, and every shards URL): an explicit WebDataset pipeline.
 
-    loader = StreamLoader(urls, sizes, class_counts, labels, cfg.data, cfg.sampler, decoder, collate, rank, R, seed)
+    shards = SplitShards.of(location, index, "train")         # mmer_dist.data.shard_stream
+    loader = StreamLoader(shards, class_counts, labels, cfg.data, cfg.sampler, decoder, collate, rank, R, seed)
     StreamPlan(sizes, batch_size, world_size, num_workers, resample)  # the epoch arithmetic, or a refusal
 
-Why it exists: for corpora too large to index per sample. The map-style loader
-(mmer_dist.data.map_loader) keeps every sample's member offsets and an epoch plan over all samples
-in every process; the stream needs only the index's shard list, shard sizes and class counts, and
-reads each tar front to back (sequential reads, which suit network and object storage).
+Why it exists: for corpora too large to index per sample, and for shards that live behind a URL
+(object storage, HTTP, a `pipe:` command). The map-style loader (mmer_dist.data.map_loader) reads one
+byte range per sample at random; the stream reads each tar front to back (one sequential read per
+shard, what network and object storage serve well) and needs only the index's shard list, shard
+sizes and class counts.
 
 * `stream_pipeline` is the pipeline, one commented stage per line: shard source (resampled, the
-  default, or each shard once with an explicit rank split then worker split), tar -> samples,
-  shuffle buffer, label from KEY.json, optional class balance (mmer_dist.data.balance), decode, collate.
+  default, or each shard once with an explicit rank split then worker split), tar -> samples with
+  their split positions (retried reads, mmer_dist.data.shard_stream), shuffle buffer, label from
+  KEY.json, optional class balance (mmer_dist.data.balance), decode, collate.
 * `StreamPlan` gives every rank and every worker exactly the same number of batches per epoch,
   computed from the index; configurations that cannot hold that are refused with the numbers and
   the fix (e.g. fewer shards than ranks x workers without resampling).
-* Damaged tars and unreadable KEY.json are counted as `Skipped` markers inside the batches, like
-  decode failures; a missing shard is fatal.
+* A shard that cannot be read (after the retries), is damaged or holds another number of samples than
+  the index says ends the run with a `DataError` naming its URL; unreadable KEY.json and decode failures
+  are counted `Skipped` markers inside the batches.
 * Resume inside an epoch replays the (deterministic) stream and discards the consumed batches.
   Every seed comes from `mmer_dist.data.seeds.mix` over (seed, epoch, rank, worker).
 
@@ -24,10 +28,8 @@ Not for `accelerator.prepare` (see mmer_dist.data.loader).
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import zlib
 from typing import Any, Iterator
 
 import numpy as np
@@ -36,21 +38,14 @@ from torch.utils.data import DataLoader
 from mmer_dist.config import DataConfig, SamplerConfig
 from mmer_dist.data.balance import ClassBalancedStream
 from mmer_dist.data.collate import Collator
-from mmer_dist.data.decode import Decoder, DecodeError, Skipped
+from mmer_dist.data.decode import Decoder
 from mmer_dist.data.loader import SampleCounts, batches_of, dataloader_settings
 from mmer_dist.data.seeds import mix
-from mmer_dist.shards.schema import META_EXT
+from mmer_dist.data.shard_stream import (Pending, SplitShards, StreamDecode, emit_pending, label_or_park, read_shards,
+                                         split_by_rank, worker, worker_shares)
 from mmer_dist.weighting import class_target_distribution, class_weights
 
-# --------------------------------------------------------------------------- seeds and worker identity
-
-
-def _worker() -> tuple[int, int]:
-    """(worker id, number of workers) of this DataLoader worker (WORKER/NUM_WORKERS env override it)."""
-    import webdataset as wds
-
-    _, _, worker, num_workers = wds.utils.pytorch_worker_info()
-    return worker, num_workers
+# --------------------------------------------------------------------------- seeds
 
 
 class _WorkerSeed:
@@ -60,52 +55,7 @@ class _WorkerSeed:
         self.rank = rank
 
     def __call__(self) -> int:
-        return self.rank * 100_003 + _worker()[0]
-
-
-# --------------------------------------------------------------------------- pipeline stages
-
-
-def _split_by_rank(src: Iterator[dict], rank: int, world_size: int) -> Iterator[dict]:
-    """Explicit node split: shard i goes to rank i % world_size (rank passed, not read from env)."""
-    for i, shard in enumerate(src):
-        if i % world_size == rank:
-            yield shard
-
-
-class TarErrors:
-    """wds handler for tar-level failures (a damaged shard): count and continue; a missing shard is fatal.
-
-    Failures are parked in `pending` and re-emitted as `Skipped` markers further down the stream
-    (`_emit_pending`), so the counts reach the main process inside the batches.
-    """
-
-    def __init__(self) -> None:
-        self.pending: list[Skipped] = []
-
-    def __call__(self, exn: Exception) -> bool:
-        if isinstance(exn, FileNotFoundError):
-            raise FileNotFoundError(f"shard missing: {exn}; the index lists it: re-run `mmer-dist pack`") from exn
-        self.pending.append(Skipped("?", "tar_error", f"{type(exn).__name__}: {exn}"))
-        return True
-
-
-def _label_or_park(src: Iterator[dict], errors: TarErrors) -> Iterator[dict]:
-    """Attach `label_id` from KEY.json (for the class balancer); park unreadable samples as skips."""
-    for sample in src:
-        try:
-            sample["label_id"] = int(json.loads(sample[META_EXT])["label_id"])
-        except Exception as e:
-            errors.pending.append(Skipped(str(sample.get("__key__", "?")), "meta_corrupt", str(e)))
-            continue
-        yield sample
-
-
-def _emit_pending(src: Iterator[dict], errors: TarErrors) -> Iterator[Any]:
-    for sample in src:
-        while errors.pending:
-            yield errors.pending.pop(0)
-        yield sample
+        return self.rank * 100_003 + worker()[0]
 
 
 class _WorkerShuffle:
@@ -117,26 +67,8 @@ class _WorkerShuffle:
     def __call__(self, src: Iterator[Any]) -> Iterator[Any]:
         from webdataset.filters import _shuffle
 
-        rng = random.Random(mix(self.seed, self.epoch, self.rank, _worker()[0]))
+        rng = random.Random(mix(self.seed, self.epoch, self.rank, worker()[0]))
         return _shuffle(src, self.bufsize, min(self.bufsize, 100), rng=rng)
-
-
-class _StreamDecode:
-    """Decode a wds sample (DecodeError -> Skipped marker); the crop is seeded by (seed, epoch, key)."""
-
-    def __init__(self, decoder: Decoder, epoch: int) -> None:
-        self.decoder, self.epoch = decoder, epoch
-
-    def __call__(self, sample: Any) -> Any:
-        if isinstance(sample, Skipped):
-            return sample
-        key = str(sample.get("__key__", "?"))
-        try:
-            out = self.decoder(sample, index=zlib.crc32(key.encode()), key=key, epoch=self.epoch)
-        except DecodeError as e:
-            return Skipped.from_error(e)
-        out["pad"] = False
-        return out
 
 
 # --------------------------------------------------------------------------- plan, pipeline, loader
@@ -167,7 +99,7 @@ class StreamPlan:
                     f"{max(1, shards // r) if shards >= r else 0}{' and fewer ranks' if shards < r else ''}, "
                     f"or repack with smaller shards (at least {r * w}), or use data.loader=map")
             # worker w of rank r reads shards (r + R*k) for k = w, w + W, ...: its share of the samples
-            shares = [sum(sizes[i] for i in list(range(rk, shards, r))[wk::w]) for rk in range(r) for wk in range(w)]
+            shares = sum(worker_shares(sizes, r, w), [])
             limit = min(shares) // b
             if limit == 0:
                 raise ValueError(f"{where}: without resampling the smallest worker share holds {min(shares)} samples, "
@@ -181,34 +113,34 @@ class StreamPlan:
         self.per_rank = self.per_worker * w
 
 
-def stream_pipeline(urls: list[str], cfg_data: DataConfig, decoder: Decoder, collate: Collator, rank: int,
+def stream_pipeline(shards: SplitShards, cfg_data: DataConfig, decoder: Decoder, collate: Collator, rank: int,
                     world_size: int, epoch: int, seed: int, per_worker: int,
                     balance: ClassBalancedStream | None = None) -> Any:
     """The explicit WebDataset pipeline of one rank; each worker yields exactly `per_worker` batches."""
     import webdataset as wds
 
-    errors = TarErrors()
+    pending = Pending()
     if cfg_data.stream_resample:
         # an endless shard stream per (rank, worker), seeded by (seed, epoch) and (rank, worker):
         # the seed is the node/worker split, no shard list to divide
-        source = [wds.ResampledShards(urls, seed=mix(seed, epoch), worker_seed=_WorkerSeed(rank),
+        source = [wds.ResampledShards(shards.names, seed=mix(seed, epoch), worker_seed=_WorkerSeed(rank),
                                       deterministic=True)]
     else:
         source = [
-            wds.SimpleShardList(urls),                                           # every shard, index order
-            wds.filters.pipelinefilter(_split_by_rank)(rank, world_size),        # node split: shard i -> rank i % R
+            wds.SimpleShardList(shards.names),                                   # every shard, index order
+            wds.filters.pipelinefilter(split_by_rank)(rank, world_size),         # node split: shard i -> rank i % R
             wds.split_by_worker,                                                 # worker split within the rank
         ]
     if balance is not None:
         balance.set_epoch(epoch)
     pipeline = wds.DataPipeline(
         *source,
-        wds.tarfile_to_samples(handler=errors),                  # tar -> {__key__, json, txt, flac, mp4}; count damage
+        wds.filters.pipelinefilter(read_shards)(shards),         # tar -> {__key__, __index__, json, txt, flac, ...}
         _WorkerShuffle(cfg_data.shuffle_buffer, seed, epoch, rank),  # sample shuffle buffer, per-worker seed
-        wds.filters.pipelinefilter(_label_or_park)(errors),      # label from KEY.json (unreadable -> skip)
+        wds.filters.pipelinefilter(label_or_park)(pending),      # label from KEY.json (unreadable -> skip)
         balance,                                                 # optional class-balanced resampling (None = off)
-        wds.filters.pipelinefilter(_emit_pending)(errors),       # damaged members/shards -> Skipped markers
-        wds.map(_StreamDecode(decoder, epoch)),                  # decode after the shuffle, in the worker
+        wds.filters.pipelinefilter(emit_pending)(pending),       # parked skips -> Skipped markers
+        wds.map(StreamDecode(decoder, epoch)),                   # decode after the shuffle, in the worker
         wds.batched(cfg_data.batch_size, collation_fn=collate, partial=False),  # pad + masks; full batches only
     )
     # exactly per_worker batches from every worker (repeating the pass if the source ends early)
@@ -218,20 +150,20 @@ def stream_pipeline(urls: list[str], cfg_data: DataConfig, decoder: Decoder, col
 class StreamLoader(SampleCounts):
     """The streaming per-rank train loader: `len` batches per epoch on every rank. Not for `prepare`.
 
-    `urls`: the split's shards in index order, `sizes` their sample counts, `class_counts` the split's
+    `shards`: the split's shards in index order with their sample counts, `class_counts` the split's
     per class (label-id order): all from the index, which the caller read once.
     """
 
     kind = "stream"
 
-    def __init__(self, urls: list[str], sizes: list[int], class_counts: list[int], label_names: list[str],
+    def __init__(self, shards: SplitShards, class_counts: list[int], label_names: list[str],
                  cfg_data: DataConfig, cfg_sampler: SamplerConfig, decoder: Decoder, collate: Collator,
                  rank: int, world_size: int, seed: int, where: str = "") -> None:
         super().__init__()
-        self.urls, self.label_names, self.class_counts = list(urls), list(label_names), list(class_counts)
+        self.shards, self.label_names, self.class_counts = shards, list(label_names), list(class_counts)
         self.cfg, self.decoder, self.collate = cfg_data, decoder, collate
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.plan = StreamPlan(sizes, cfg_data.batch_size, world_size, cfg_data.num_workers,
+        self.plan = StreamPlan(shards.sizes, cfg_data.batch_size, world_size, cfg_data.num_workers,
                                cfg_data.stream_resample, cfg_data.steps_per_epoch, where=f"{where} (data.loader=stream)")
         self.balance_target: np.ndarray | None = None
         if cfg_sampler.weighting != "none":
@@ -257,7 +189,7 @@ class StreamLoader(SampleCounts):
         balance = None
         if self.balance_target is not None:
             balance = ClassBalancedStream(self.balance_target, seed=mix(self.seed, self.rank), rank=self.rank)
-        return stream_pipeline(self.urls, self.cfg, self.decoder, self.collate, self.rank, self.world_size,
+        return stream_pipeline(self.shards, self.cfg, self.decoder, self.collate, self.rank, self.world_size,
                                self.epoch, self.seed, self.plan.per_worker, balance)
 
     def iter_from(self, batches_done: int | None = None) -> Iterator[dict[str, Any]]:
@@ -265,7 +197,7 @@ class StreamLoader(SampleCounts):
         start = self._start if batches_done is None else int(batches_done)
         loader = DataLoader(self.pipeline(), batch_size=None, num_workers=self.cfg.num_workers,
                             **dataloader_settings(self.cfg.num_workers, self.cfg.loader_timeout_s))
-        for k, batch in enumerate(batches_of(loader, lambda: f"the shards of rank {self.rank}")):
+        for k, batch in enumerate(batches_of(loader, lambda: f"rank {self.rank}'s shards of {self.shards.where()}")):
             if k < start:
                 continue
             self._start = k + 1

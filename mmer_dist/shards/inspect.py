@@ -1,12 +1,14 @@
 """`mmer-dist inspect SHARDS_DIR`: what a shards folder holds, from its index files only.
 
     mmer-dist inspect shards/out/meld                 # human summary
+    mmer-dist inspect s3://bucket/meld                # the same through a URL (mmer_dist.shards.location)
     mmer-dist inspect shards/out/meld --json          # one JSON object for scripts
     mmer-dist inspect shards/out/meld --plots plots/  # per-split class-distribution PNGs
 
 Reads `index.json`, `pack.json`, `skipped.json` (and, for a pack that has not been merged
-yet, the per-shard `*.stats.json`); it never opens a tar (one stat per shard checks its size
-against the index: `damaged`), so it is fast on any size.
+yet, the per-shard `*.stats.json`, local folders only: nothing is listed behind a URL); it never
+opens a tar (one stat or HEAD request per shard checks its size against the index: `damaged`), so
+it is fast on any size.
 
 JSON shape (`summarize`):
     {"path", "corpus", "profile", "complete", "labels",
@@ -27,7 +29,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mmer_dist.jsonio import read_json
+from mmer_dist.jsonio import damaged, read_json
+from mmer_dist.shards.location import Location, ShardMissing
 from mmer_dist.shards.schema import INDEX_FILE, PACK_FILE, SKIPPED_FILE, load_index, read_stats, size_mismatches
 
 REPACK = "re-run the same `mmer-dist pack` command: finished shards are kept and the index files are merged again"
@@ -74,27 +77,47 @@ def _from_stats(root: Path) -> tuple[dict[str, dict[str, Any]], list[str], dict[
     return acc, [], skipped
 
 
-def summarize(shards_dir: str | Path) -> dict[str, Any]:
-    """The summary of a shards folder (see the module docstring for the shape)."""
-    root = Path(shards_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a folder; pass a shards folder written by `mmer-dist pack`")
-    pack_fix = f"it records the packing arguments: re-pack with `mmer-dist pack ... --out {root} --overwrite`"
-    config = read_json(root / PACK_FILE, fix=pack_fix).get("config", {}) if (root / PACK_FILE).exists() else {}
-    out: dict[str, Any] = {"path": str(root), "corpus": config.get("corpus"), "profile": config.get("profile"),
-                           "complete": (root / INDEX_FILE).exists(), "labels": [], "splits": {}}
+def _optional_json(loc: Location, name: str, fix: str) -> Any:
+    """A JSON object of the shards location, {} when it does not exist; a damaged one is named with `fix`."""
+    if loc.is_local:
+        path = loc.root / name
+        return read_json(path, fix=fix) if path.exists() else {}
+    try:
+        raw = loc.read_bytes(name)
+    except ShardMissing:
+        return {}
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except ValueError as e:
+        raise damaged(loc.shown(name), f"is not valid JSON ({e})", fix) from None
+    if not isinstance(data, dict):
+        raise damaged(loc.shown(name), f"holds {type(data).__name__} where an object / mapping was expected", fix)
+    return data
+
+
+def summarize(shards_dir: str | Path | Location) -> dict[str, Any]:
+    """The summary of a shards folder or URL (see the module docstring for the shape)."""
+    loc = shards_dir if isinstance(shards_dir, Location) else Location(shards_dir)
+    if loc.is_local and not loc.root.is_dir():
+        raise FileNotFoundError(f"{loc.root} is not a folder; pass a shards folder written by `mmer-dist pack`")
+    pack_fix = f"it records the packing arguments: re-pack with `mmer-dist pack ... --out {loc} --overwrite`"
+    config = _optional_json(loc, PACK_FILE, pack_fix).get("config", {})
+    # nothing is listed behind a URL: without index.json it is no shards folder (load_index says so)
+    out: dict[str, Any] = {"path": loc.shown(), "corpus": config.get("corpus"), "profile": config.get("profile"),
+                           "complete": not loc.is_local or (loc.root / INDEX_FILE).exists(), "labels": [],
+                           "splits": {}}
     if out["complete"]:
-        index = load_index(root)
+        index = load_index(loc)
         out.update(corpus=index.corpus, profile=index.profile, labels=list(index.labels))
         for name, si in index.splits.items():
             out["splits"][name] = _split_summary(si.class_counts, out["labels"], len(si.shards), si.duration,
                                                  si.bytes, si.modalities)
-        out["damaged"] = size_mismatches(root, index, list(index.splits))   # one stat per shard, no read
-        skipped_path = root / SKIPPED_FILE
-        sk = read_json(skipped_path, fix=REPACK) if skipped_path.exists() else {}
+        out["damaged"] = size_mismatches(loc, index, list(index.splits))   # one stat/HEAD per shard, no read
+        sk = _optional_json(loc, SKIPPED_FILE, REPACK)
         skipped = {k: sk.get(k, {} if not k.startswith("total") else 0)
                    for k in ("dropped", "degraded", "total_dropped", "total_degraded")}
     else:
+        root = loc.root
         if not list(root.glob("*.stats.json")):
             raise FileNotFoundError(
                 f"{root} has no {INDEX_FILE} and no *.stats.json: not a shards folder. "
@@ -161,7 +184,7 @@ def format_summary(s: dict[str, Any]) -> str:
         for what, label in (("dropped", "inputs dropped"), ("degraded", "kept without a modality")):
             if sk.get(what):
                 lines.append(f"{label}: " + ", ".join(f"{k} {v}" for k, v in sorted(sk[what].items())))
-        lines.append(f"  (file names in {Path(s['path']) / SKIPPED_FILE})")
+        lines.append(f"  (file names in {s['path'].rstrip('/')}/{SKIPPED_FILE})")
     if s.get("damaged"):
         lines.append(f"DAMAGED: {len(s['damaged'])} shard(s) differ from the index (first: {s['damaged'][0]}); "
                      f"`mmer-dist verify {s['path']}` names every one and the command that re-packs them")
@@ -200,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmer-dist inspect",
                                 description="Summarise a shards folder from its index files only (never opens a tar): "
                                    "samples, classes and imbalance per split, modalities, skipped inputs by reason.")
-    p.add_argument("shards", help="shards folder written by `mmer-dist pack` or `mmer-dist embed`")
+    p.add_argument("shards", help="shards folder written by `mmer-dist pack` or `mmer-dist embed`, or its URL "
+                                  "(s3://, gs://, http(s)://, file://, pipe:CMD with {shard})")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the human summary")
     p.add_argument("--plots", default="", help="folder for per-split class-distribution PNGs (default: none)")
     return p
@@ -211,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         s = summarize(args.shards)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError) as e:         # FileNotFoundError, ShardReadError are OSErrors
         print(f"mmer-dist inspect: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     if getattr(args, "plots", ""):

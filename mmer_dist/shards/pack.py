@@ -61,6 +61,7 @@ from mmer_dist.corpora.labels import labels_for
 from mmer_dist.corpora.record import GROUP_UNITS, ReadReport
 from mmer_dist.jsonio import read_json
 from mmer_dist.shards import media
+from mmer_dist.shards.location import local_output
 from mmer_dist.shards.merge import merge_stats, record_diff, split_lines, write_index
 from mmer_dist.shards.plan import PackConfig, PackError, ShardJob, parse_bytes, plan_shards, reader_options_for
 from mmer_dist.shards.schema import INDEX_FILE, PACK_FILE, SKIPPED_FILE, ShardIndex, write_json_atomic
@@ -237,6 +238,7 @@ def pack(corpus: str, root: str | Path, out: str | Path, *, profile: str = "trai
          overwrite: bool = False, progress: bool = True) -> PackResult:
     """Pack `corpus` at `root` into shards in `out` (see the module docstring). Resumable."""
     t0 = time.perf_counter()
+    out = local_output(out)             # a URL is refused with the one-line upload (mmer_dist.shards.location)
     timings: dict[str, float] = {}
     task_id, num_tasks = _task_from_env(task_id, num_tasks)
     split_t = tuple(splits or ())
@@ -244,7 +246,6 @@ def pack(corpus: str, root: str | Path, out: str | Path, *, profile: str = "trai
                      shard_bytes=parse_bytes(shard_bytes), seed=seed, splits=split_t, video_size=video_size,
                      video_fps=float(video_fps), video_crf=video_crf, missing_media=missing_media,
                      reader_options=reader_options_for(corpus, split_t, missing_media, reader_options))
-    out = Path(out)
     utterances, report = read_corpus(corpus, cfg.root, **cfg.reader_options)
     timings["read"] = time.perf_counter() - t0
     if split_t:
@@ -364,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", required=True,
                    help="MELD: folder with the CSVs and, optionally, the clip folders (without clips: "
                         "text-only shards); RAVDESS: folder with Actor_XX folders")
-    p.add_argument("--out", required=True, help="output shards folder")
+    p.add_argument("--out", required=True, help="output shards folder (local or cluster filesystem; to serve it "
+                                                "from a bucket, upload it afterwards: README, 'Shards by URL')")
     p.add_argument("--profile", choices=["train", "raw"], default="train",
                    help="train: mono 16 kHz FLAC + downscaled mp4 (default); raw: original bytes")
     p.add_argument("--workers", type=int, default=1, help="parallel packing processes (output is identical for any N)")

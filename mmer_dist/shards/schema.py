@@ -38,15 +38,18 @@ the RAVDESS actor, or -1 (each utterance its own unit); statistics resample whol
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mmer_dist.jsonio import read_json
+from mmer_dist.jsonio import damaged, read_json
 
 import numpy as np
+
+from mmer_dist.shards.location import Location, ShardMissing
 
 SCHEMA_VERSION = 2
 """2: index.json holds summaries only, the per-sample fields live in `samples/{split}/`."""
@@ -164,9 +167,15 @@ class ShardIndex:
     extra: dict[str, Any] = field(default_factory=dict)    # e.g. the encoder that made embedding shards
     speakers: list[str] = field(default_factory=list)      # speaker names; the compact index holds positions
     group_unit: str = "utterance"                          # what a sample's group is: dialogue | speaker | utterance
+    # set by load_index, never written: where the index was read from and the sha256 of its bytes (the key
+    # of the node cache of its columns, so a changed index is never served stale)
+    origin: Location | None = field(default=None, repr=False, compare=False)
+    sha256: str = field(default="", repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(replace(self, origin=None))
+        del data["origin"], data["sha256"]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ShardIndex":
@@ -197,24 +206,37 @@ class IndexFormatError(ValueError):
     """A shards folder written by an older mmer_dist (or damaged): the message names the upgrade command."""
 
 
-def load_index(shards_dir: str | Path) -> ShardIndex:
-    """Read `index.json` of a shards folder (the summaries), with an error that says how to make or upgrade one."""
-    path = Path(shards_dir) / INDEX_FILE
-    if not path.exists():
+def load_index(shards: str | Path | Location) -> ShardIndex:
+    """Read `index.json` of a shards folder or URL (the summaries; one read), with an error that says how to
+    make or upgrade one. The index remembers its location and digest (`origin`, `sha256`) for `split_samples`."""
+    loc = shards if isinstance(shards, Location) else Location(shards)
+    where = loc.shown(INDEX_FILE)
+    try:
+        raw = loc.read_bytes(INDEX_FILE)
+    except ShardMissing:
+        upload = "" if loc.is_local else " and upload it whole, index.json last (README, \"Shards by URL\")"
         raise FileNotFoundError(
-            f"{path} not found: {shards_dir} is not a finished shards folder. "
-            f"Create one with `mmer-dist pack {{meld,ravdess}} --root RAW --out {shards_dir}` "
+            f"{where} not found: {loc} is not a finished shards folder. "
+            f"Create one with `mmer-dist pack {{meld,ravdess}} --root RAW --out FOLDER`{upload} "
             f"(an interrupted pack resumes when run again with the same arguments)."
-        )
-    data = read_json(path, fix=f"re-run the `mmer-dist pack` (or `embed`) command that wrote {shards_dir}: finished "
-                               f"shards are kept and the index is merged again")
+        ) from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except ValueError as e:
+        raise damaged(where, f"is not valid JSON ({e})", f"re-run the `mmer-dist pack` (or `embed`) command that wrote "
+                      f"{loc}: finished shards are kept and the index is merged again") from None
+    if not isinstance(data, dict):
+        raise damaged(where, f"holds {type(data).__name__} where an object / mapping was expected",
+                      f"re-run the `mmer-dist pack` (or `embed`) command that wrote {loc}")
     if data.get("schema_version", 1) < SCHEMA_VERSION:
         raise IndexFormatError(
-            f"{path} was written by an older mmer_dist (index format {data.get('schema_version', 1)}, this version "
+            f"{where} was written by an older mmer_dist (index format {data.get('schema_version', 1)}, this version "
             f"reads {SCHEMA_VERSION}: summaries in index.json, per-sample columns in samples/{{split}}/). "
-            f"Upgrade the folder in place with `mmer-dist reindex {shards_dir}` (resumable; reads the stats files "
+            f"Upgrade the folder in place with `mmer-dist reindex {loc}` (resumable; reads the stats files "
             f"and each sample's KEY.json, rewrites no tar).")
-    return ShardIndex.from_json(data)
+    index = ShardIndex.from_json(data)
+    index.origin, index.sha256 = loc, hashlib.sha256(raw).hexdigest()
+    return index
 
 
 SAMPLES_DIR = "samples"
@@ -289,7 +311,26 @@ class SampleRows:
         return {**self.__dict__, "_columns": {}}
 
 
-def split_index(index: ShardIndex, split: str, shards_dir: str | Path = "") -> SplitIndex:
+def split_samples(index: ShardIndex, split: str) -> Samples:
+    """The compact index of `split` of an index read by `load_index`: memory-mapped in the shards folder, or, for
+    a URL, in the node's cache (fetched once per node and index digest; index.json fetched last and checked
+    against the digest, so columns of another index are never used)."""
+    if index.origin is None:
+        raise ValueError("split_samples needs an index read by load_index (it knows where the columns are)")
+    si = split_index(index, split, index.origin)
+    names = [f"{SAMPLES_DIR}/{split}/{name}.npy" for name in SAMPLE_DTYPE.names]
+    folder = index.origin.cached([*names, INDEX_FILE], index.sha256)
+    if not index.origin.is_local:
+        digest = hashlib.sha256((folder / INDEX_FILE).read_bytes()).hexdigest()
+        if digest != index.sha256:
+            for n in [*names, INDEX_FILE]:
+                (folder / n).unlink(missing_ok=True)
+            raise IndexFormatError(f"{index.origin.shown(INDEX_FILE)} changed while its columns were fetched into "
+                                   f"{folder} (someone is rewriting the shards); run again once it is complete")
+    return Samples(folder, split, si.num_samples)
+
+
+def split_index(index: ShardIndex, split: str, shards_dir: str | Path | Location = "") -> SplitIndex:
     """One split of an index, with an error that lists the splits present."""
     if split not in index.splits:
         raise KeyError(f"split {split!r} not in shards {shards_dir}; present: {', '.join(sorted(index.splits))}")
@@ -322,17 +363,19 @@ def split_members(blob: bytes, where: str = "") -> tuple[str, dict[str, bytes]]:
     return key, members
 
 
-def size_mismatches(shards_dir: str | Path, index: ShardIndex, splits: list[str]) -> list[str]:
-    """Shards of `splits` whose file is missing or not the size the index recorded (one stat per shard)."""
-    root, out = Path(shards_dir), []
+def size_mismatches(shards: str | Path | Location, index: ShardIndex, splits: list[str]) -> list[str]:
+    """Shards of `splits` whose file is missing or not the size the index recorded (one stat or HEAD request per
+    shard; nothing can be asked through a `pipe:` location, which yields no mismatch)."""
+    loc = shards if isinstance(shards, Location) else Location(shards)
+    out = []
     for split in splits:
-        si = split_index(index, split, root)
+        si = split_index(index, split, loc)
         for name, expected in zip(si.shards, si.shard_bytes):
             try:
-                size = os.stat(root / name).st_size
-            except FileNotFoundError:
-                out.append(f"{root / name}: missing (the index says {expected} bytes)")
+                size = loc.size(name)
+            except ShardMissing:
+                out.append(f"{loc.shown(name)}: missing (the index says {expected} bytes)")
                 continue
-            if size != expected:
-                out.append(f"{root / name}: {size} bytes, the index says {expected}")
+            if size is not None and size != expected:
+                out.append(f"{loc.shown(name)}: {size} bytes, the index says {expected}")
     return out

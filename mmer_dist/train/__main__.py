@@ -13,10 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from mmer_dist.config import Config, ConfigError
+from mmer_dist.config import Config
 from mmer_dist.jsonio import DamagedFileError
 from mmer_dist.presets import CONFIG_DIR, dump_config, load_config
-from mmer_dist.shards.schema import IndexFormatError, load_index
+from mmer_dist.shards.schema import load_index
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", default=None, help="preset name (mmer_dist/configs/NAME.yaml) or a YAML path")
-    p.add_argument("--shards", default=None, help="shards folder (same as data.shards=...)")
+    p.add_argument("--shards", default=None, help="shards folder or URL: s3://, gs://, http(s)://, file://, "
+                                                  "pipe:CMD with {shard} (same as data.shards=...)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<preset name>)")
     p.add_argument("--dump-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", help="dotted overrides: optim.lr=3e-4 data.modalities=[text] resume=latest|must")
@@ -73,13 +74,14 @@ def _start(args: argparse.Namespace) -> int:
         if args.dump_config:
             print(dump_config(cfg), end="")
             return 0
+        from mmer_dist.data.build import shards_location
         from mmer_dist.dist import world_info
         from mmer_dist.train.preflight import preflight, resolve_for_shards, resolve_for_world
 
-        index = load_index(cfg.data.shards)
+        index = load_index(shards_location(cfg.data))           # once per rank; the loaders get it
         cfg = resolve_for_world(resolve_for_shards(cfg, index), world_info().world_size)
         preflight(cfg, run_dir, index)
-    except (ConfigError, DamagedFileError, IndexFormatError, FileNotFoundError, KeyError) as e:
+    except (ValueError, OSError, KeyError) as e:     # ConfigError, a damaged file, FileNotFoundError, an unreadable URL
         return _user_error(e)
     from mmer_dist.data.loader import DataError
     from mmer_dist.lifecycle import RunLock, RunLockedError, die_with_parent, launched_by_torchrun

@@ -137,8 +137,7 @@ def evaluate(model: torch.nn.Module, loader: Any, device: torch.device, criterio
     rows = Path(predictions) / f".predictions.rank{rank}.jsonl" if predictions is not None else None
     if rows is not None:
         rows.parent.mkdir(parents=True, exist_ok=True)
-    ds = loader.dataset
-    acc = EvalAccumulator(loader.label_names, rows, ds.group_unit)
+    acc = EvalAccumulator(loader.label_names, rows, loader.group_unit)
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -147,12 +146,12 @@ def evaluate(model: torch.nn.Module, loader: Any, device: torch.device, criterio
             logits = model(batch).float()
             terms = criterion.sample_terms(logits, batch["labels"]) if criterion is not None else None
             positions = batch["index"].cpu().numpy()
-            groups = ds.samples["group"][positions] if rows is not None else None
-            speakers = ([ds.speakers[s] if s >= 0 else "" for s in ds.samples["speaker"][positions]]
+            groups = loader.samples["group"][positions] if rows is not None else None
+            speakers = ([loader.speakers[s] if s >= 0 else "" for s in loader.samples["speaker"][positions]]
                         if rows is not None else None)
             acc.add(batch, torch.softmax(logits, -1), terms, groups, speakers)
     model.train(was_training)
-    metrics = acc.reduce(len(ds))
+    metrics = acc.reduce(loader.num_samples)
     if rows is None:
         return EvalResult(metrics)
     dist.barrier()                        # every rank's rows are on disk
@@ -163,8 +162,21 @@ def evaluate(model: torch.nn.Module, loader: Any, device: torch.device, criterio
     return EvalResult(metrics, merged)
 
 
+def _in_order(part: Path) -> None:
+    """Sort a rank's row file by split position unless it already is (a streaming loader's workers interleave
+    their batches; the map-style loader's rows come in order): this rank's rows in memory, once."""
+    with open(part, encoding="utf-8") as f:
+        positions = [json.loads(x)["index"] for x in f]
+    if all(a < b for a, b in zip(positions, positions[1:])):
+        return
+    lines = part.read_text(encoding="utf-8").splitlines(keepends=True)
+    part.write_text("".join(line for _, line in sorted(zip(positions, lines))), encoding="utf-8")
+
+
 def merge_rows(parts: list[Path], out: Path) -> None:
-    """Merge the ranks' row files (each in ascending split position) into `out` in split order; delete them."""
+    """Merge the ranks' row files into `out` in split order (each sorted first if needed); delete them."""
+    for part in parts:
+        _in_order(part)
     files = [open(p, encoding="utf-8") for p in parts]
     tmp = out.with_name(f".{out.name}.tmp")
     try:

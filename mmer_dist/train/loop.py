@@ -49,7 +49,10 @@ def train(cfg: Config, run_dir: Path, index: ShardIndex | None = None) -> dict[s
     accelerator = build_accelerator(cfg)
     stop = StopRequest()
     stop.install()
-    index = load_index(cfg.data.shards) if index is None else index
+    if index is None:
+        from mmer_dist.data.build import shards_location
+
+        index = load_index(shards_location(cfg.data))
     plan = dist.broadcast_object(plan_resume(cfg, run_dir) if accelerator.is_main_process else None)
     write_run_files(run_dir, cfg, accelerator, plan)
     resume_from = plan.checkpoint

@@ -51,9 +51,18 @@ def preflight(cfg: Config, run_dir: Path, index: ShardIndex) -> None:
     """Fail before any process group starts, with a message that names the fix."""
     from mmer_dist.models.cached import check_embeddings
 
+    from mmer_dist.data.build import shards_location
+    from mmer_dist.data.shard_reader import map_refusal
+    from mmer_dist.dist import world_info
+
+    location = shards_location(cfg.data)
+    if not location.is_local and cfg.data.loader == "map":
+        raise ConfigError(map_refusal(location))
     packed = _check_splits(cfg, index)
     train = split_index(index, packed[0], cfg.data.shards)
-    damaged = size_mismatches(cfg.data.shards, index, sorted(set(packed)))
+    # a URL: one HEAD request per shard, asked by the first process only (not by every rank of a large job)
+    check = location.is_local or world_info().rank == 0
+    damaged = size_mismatches(location, index, sorted(set(packed))) if check else []
     if damaged:
         raise ConfigError(f"{len(damaged)} shard(s) differ from the index: " + "; ".join(damaged[:5])
                           + f". They changed after packing (truncated, replaced or deleted). `mmer-dist verify "

@@ -4,9 +4,7 @@ kill + resume == uninterrupted (with and without the weight average), SIGTERM ch
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,36 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import log_records, run_env, torchrun, train_overrides
 from mmer_dist.train.__main__ import main as train_main
 from mmer_dist.train.checkpoint import complete_checkpoints
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _overrides(*extra: str) -> list[str]:
-    # dropout off so runs with different process counts compute the same losses
-    return ["data.modalities=[text,audio]", "model.fusion.dropout=0.0", "model.text.dropout=0.0",
-            "model.audio.dropout=0.0", "train.log_every=1",
-            "optim.warmup_steps=2", "data.batch_size=8", *extra]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-
-
-def _torchrun(nproc: int, args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_port", str(_free_port()), "-m", "mmer_dist.train", *args]
-
-
-def _log(run: Path, split: str = "train") -> list[dict]:
-    return [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if r["split"] == split]
 
 
 def _weights(run: Path, sub: str = "export") -> dict[str, torch.Tensor]:
@@ -55,13 +28,13 @@ def _weights(run: Path, sub: str = "export") -> dict[str, torch.Tensor]:
 def test_train_in_process(synth_meld_shards, tmp_path):
     run = tmp_path / "run"
     rc = train_main(["--config", "debug", "--shards", str(synth_meld_shards), "--out", str(run),
-                     *_overrides("train.epochs=3", "optim.lr=3e-3")])
+                     *train_overrides("train.epochs=3", "optim.lr=3e-3")])
     assert rc == 0
     for name in ("config.yaml", "env.json", "log.jsonl", "metrics.json", "export/model.json", "best/model.json"):
         assert (run / name).exists(), name
     assert list((run / "tb").glob("events.*"))
     assert complete_checkpoints(run)
-    losses = [r["loss"] for r in _log(run)]
+    losses = [r["loss"] for r in log_records(run)]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0.0 <= metrics["macro_f1"] <= 1.0 and metrics["n"] > 0
@@ -70,7 +43,7 @@ def test_train_in_process(synth_meld_shards, tmp_path):
 def test_select_last_exports_the_final_weights(synth_meld_shards, tmp_path):
     run = tmp_path / "run"
     assert train_main(["--config", "debug", "--shards", str(synth_meld_shards), "--out", str(run),
-                       *_overrides("train.epochs=2", "train.eval_every=1", "train.select=last",
+                       *train_overrides("train.epochs=2", "train.eval_every=1", "train.select=last",
                                    "train.keep_checkpoints=1")]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     # With these seeds the best dev Macro-F1 of the 16 evaluations is at step 5 (train.select=best picks it).
@@ -85,7 +58,7 @@ def test_select_last_exports_the_final_weights(synth_meld_shards, tmp_path):
 def test_weight_average_is_what_evaluations_and_the_export_use(synth_meld_shards, tmp_path):
     run = tmp_path / "run"
     assert train_main(["--config", "debug", "--shards", str(synth_meld_shards), "--out", str(run),
-                       *_overrides("train.epochs=2", "train.select=last", "train.ema_decay=0.9",
+                       *train_overrides("train.epochs=2", "train.select=last", "train.ema_decay=0.9",
                                    "train.keep_checkpoints=1")]) == 0
     last = complete_checkpoints(run)[-1]
     average = torch.load(last / "custom_checkpoint_0.pkl", weights_only=True)   # saved with the checkpoint
@@ -95,7 +68,7 @@ def test_weight_average_is_what_evaluations_and_the_export_use(synth_meld_shards
     assert all(torch.equal(exported[k], average["shadow"][k]) for k in exported)
     assert not all(torch.equal(exported[k], live[k]) for k in exported)
     # the final evaluation (metrics.json) is of the average, as the last periodic one was
-    final_eval = _log(run, "dev")[-1]
+    final_eval = log_records(run, "dev")[-1]
     assert json.loads((run / "metrics.json").read_text())["macro_f1"] == pytest.approx(final_eval["macro_f1"])
 
 
@@ -132,10 +105,10 @@ def test_two_process_ddp_matches_one_process(synth_meld_shards, tmp_path):
     common = ["--config", "debug", "--shards", str(synth_meld_shards), "train.max_steps=4",
               "train.eval_every=4", "train.checkpoint_every=4"]
     one, two = tmp_path / "one", tmp_path / "two"
-    assert train_main([*common, "--out", str(one), *_overrides("data.batch_size=16")]) == 0
-    subprocess.run(_torchrun(2, [*common, "--out", str(two), *_overrides("data.batch_size=8")]),
-                   check=True, env=_env(), cwd=REPO, timeout=600)
-    l1, l2 = [r["loss"] for r in _log(one)], [r["loss"] for r in _log(two)]
+    assert train_main([*common, "--out", str(one), *train_overrides("data.batch_size=16")]) == 0
+    subprocess.run(torchrun(2, [*common, "--out", str(two), *train_overrides("data.batch_size=8")]),
+                   check=True, env=run_env(), cwd=REPO, timeout=600)
+    l1, l2 = [r["loss"] for r in log_records(one)], [r["loss"] for r in log_records(two)]
     assert len(l1) == len(l2) == 4
     assert l1[0] == pytest.approx(l2[0], rel=1e-4, abs=1e-5)
     assert l1 == pytest.approx(l2, rel=2e-3, abs=2e-4)
@@ -149,10 +122,10 @@ def test_deepspeed_zero2_two_processes(synth_meld_shards, tmp_path):
     run = tmp_path / "ds"
     args = ["--config", "debug", "--shards", str(synth_meld_shards), "--out", str(run), "train.max_steps=6",
             "train.eval_every=6", "train.checkpoint_every=6", f"train.deepspeed={REPO / 'launch' / 'ds_zero2.json'}",
-            *_overrides("optim.lr=3e-3")]
-    subprocess.run(_torchrun(2, args), check=True, env=_env(), cwd=REPO, timeout=600)
+            *train_overrides("optim.lr=3e-3")]
+    subprocess.run(torchrun(2, args), check=True, env=run_env(), cwd=REPO, timeout=600)
     assert "DEEPSPEED" in json.loads((run / "env.json").read_text())["distributed_type"]
-    losses = [r["loss"] for r in _log(run)]
+    losses = [r["loss"] for r in log_records(run)]
     assert losses[-1] < losses[0], losses
     state = json.loads((run / "train_state.json").read_text())
     assert len(set(state["param_checksums"])) == 1
@@ -163,13 +136,13 @@ def test_deepspeed_zero2_two_processes(synth_meld_shards, tmp_path):
 @pytest.mark.parametrize("ema_decay", [0.0, 0.9], ids=["live-weights", "weight-average"])
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(synth_meld_shards, tmp_path, ema_decay):
     common = ["--config", "debug", "--shards", str(synth_meld_shards), "train.epochs=2",
-              "train.checkpoint_every=2", "train.keep_checkpoints=10", *_overrides(f"train.ema_decay={ema_decay}")]
+              "train.checkpoint_every=2", "train.keep_checkpoints=10", *train_overrides(f"train.ema_decay={ema_decay}")]
     ref = tmp_path / "ref"
     assert train_main([*common, "--out", str(ref)]) == 0
 
     run = tmp_path / "killed"
     cmd = [sys.executable, "-m", "mmer_dist.train", *common, "--out", str(run)]
-    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=run_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not complete_checkpoints(run) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -187,8 +160,8 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(synth_meld_shards, t
 def test_sigterm_checkpoints_and_exits_cleanly(synth_meld_shards, tmp_path):
     run = tmp_path / "term"
     cmd = [sys.executable, "-m", "mmer_dist.train", "--config", "debug", "--shards", str(synth_meld_shards),
-           "--out", str(run), "train.epochs=50", "train.checkpoint_every=1000", *_overrides()]
-    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           "--out", str(run), "train.epochs=50", "train.checkpoint_every=1000", *train_overrides()]
+    proc = subprocess.Popen(cmd, env=run_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while not (run / "log.jsonl").exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -200,7 +173,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(synth_meld_shards, tmp_path):
     assert complete_checkpoints(run)
     # and it continues from there
     assert train_main(["--config", "debug", "--shards", str(synth_meld_shards), "--out", str(run),
-                       "train.epochs=50", "train.max_steps=" + str(_last_step(run) + 2), *_overrides(),
+                       "train.epochs=50", "train.max_steps=" + str(_last_step(run) + 2), *train_overrides(),
                        "resume=latest"]) == 0
 
 

@@ -133,7 +133,7 @@ LAYERS = {
     "mmer_dist.corpora": {"mmer_dist.folds", "mmer_dist.jsonio"},
     "mmer_dist.shards": {"mmer_dist.corpora", "mmer_dist.plots", "mmer_dist.jsonio"},
     "mmer_dist.data": {"mmer_dist.config", "mmer_dist.weighting", "mmer_dist.folds", "mmer_dist.dist",
-                       "mmer_dist.shards.schema", "mmer_dist.jsonio"},
+                       "mmer_dist.shards.schema", "mmer_dist.shards.location", "mmer_dist.jsonio"},
     "mmer_dist.models": {"mmer_dist.config", "mmer_dist.weighting", "mmer_dist.jsonio"},
     "mmer_dist.train": {"mmer_dist.config", "mmer_dist.presets", "mmer_dist.weighting", "mmer_dist.dist",
                         "mmer_dist.lifecycle", "mmer_dist.folds", "mmer_dist.data", "mmer_dist.models",

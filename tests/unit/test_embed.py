@@ -237,3 +237,14 @@ def test_inspect_works_on_embedding_shards(emb_shards: Path, synth_meld_shards: 
     paths = plot_classes(s, tmp_path / "plots")
     assert sorted(p.name for p in paths) == sorted(f"{k}_classes.png" for k in m["splits"])
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_embed_reads_its_input_from_a_url_and_drops_the_copies(emb_shards: Path, http_shards: str, tmp_path: Path):
+    import os
+
+    out = tmp_path / "from-http"
+    res = embed(load_config("debug", [*ALL, *CACHED]), http_shards, out, progress=False)
+    tars = {k: v for k, v in _files(out).items() if k.endswith((".tar", ".stats.json"))}
+    assert tars and tars == {k: v for k, v in _files(emb_shards).items() if k.endswith((".tar", ".stats.json"))}
+    assert res.index is not None and res.index.extra["input"] == http_shards
+    assert not list(Path(os.environ["MMER_CACHE"]).rglob("*.tar"))          # the node copies are deleted

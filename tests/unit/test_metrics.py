@@ -204,9 +204,12 @@ def test_skipped_samples_count_as_covered():
     assert metrics["skipped"] == {"audio_corrupt": 1} and metrics["n"] == 5
 
 
-def test_rows_of_the_ranks_merge_in_split_order(tmp_path):
+@pytest.mark.parametrize("order", ["ascending", "interleaved"])
+def test_rows_of_the_ranks_merge_in_split_order(tmp_path, order):
     keys, y, p = _split_dataset(n=9)
-    r0 = _accumulate(keys, y, p, range(0, 9, 2), rows=tmp_path / "r0.jsonl")
+    # a streaming eval loader's workers interleave their batches: a rank's rows need not ascend
+    mine = [0, 2, 4, 6, 8] if order == "ascending" else [4, 6, 0, 8, 2]
+    r0 = _accumulate(keys, y, p, mine, rows=tmp_path / "r0.jsonl")
     r1 = _accumulate(keys, y, p, range(1, 9, 2), pad_idx=[1], rows=tmp_path / "r1.jsonl")
     for acc in (r0, r1):
         acc._rows.close()

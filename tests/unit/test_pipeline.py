@@ -11,6 +11,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ from mmer_dist.config import DataConfig, SamplerConfig, replace
 from mmer_dist.data.build import build_decoder, build_eval_loader, build_train_loader
 from mmer_dist.data.map_loader import ShardDataset
 from mmer_dist.data.stream_loader import StreamPlan
+from mmer_dist.shards.schema import load_index, split_samples
 from helpers import WordTokenizer, make_samples, write_shards
 
 
@@ -248,3 +250,51 @@ def test_stream_resume_replays_the_rest(shards):
     other = build_train_loader(shards, cfg, SamplerConfig(), TOK, rank=0, world_size=3)
     with pytest.raises(ValueError, match="world_size"):
         other.load_state_dict(state)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stream_eval_each_sample_once_at_its_position_equal_batches(shards, workers):
+    cfg = replace(CFG, loader="stream", num_workers=workers)
+    for world in (1, 2, 3, 9):                   # 9 ranks > 8 shards: a rank with no shard only pads
+        loaders = [build_eval_loader(shards, cfg, TOK, split="train", rank=r, world_size=world) for r in range(world)]
+        assert len({len(lo) for lo in loaders}) == 1
+        covered, keys = [], {}
+        for lo in loaders:
+            batches = list(lo)
+            assert len(batches) == len(lo)
+            for b in batches:
+                real = ~b["pad"]
+                covered += b["index"][real].tolist() + b["skipped_index"]
+                keys.update(zip(b["index"][real].tolist(), [k for k, r in zip(b["keys"], real) if r]))
+        assert sorted(covered) == list(range(37)), (world, sorted(covered))     # the corrupt one as a skip
+        assert all(k == f"train_{i:04d}" for i, k in keys.items())              # position = order in the split
+
+
+def test_stream_train_batches_carry_split_positions(shards):
+    cfg = replace(CFG, loader="stream", stream_resample=False, num_workers=0)
+    lo = build_train_loader(shards, cfg, SamplerConfig(), TOK, rank=0, world_size=1)
+    for b in lo:
+        assert [f"train_{i:04d}" for i in b["index"].tolist()] == b["keys"]
+
+
+def test_stream_damaged_or_short_shard_is_a_named_error(shards, tmp_path):
+    import shutil
+
+    from mmer_dist.data.loader import DataError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    index = load_index(bad)
+    names, rows = index.splits["train"].shards, split_samples(index, "train")
+    data = (bad / names[1]).read_bytes()
+    (bad / names[1]).write_bytes(data[: len(data) // 2])            # cut inside a member: a tar error
+    second = int(rows["offset"][np.flatnonzero(rows["shard"] == 2)[1]])
+    (bad / names[2]).write_bytes((bad / names[2]).read_bytes()[:second])   # cut between samples: reads "fine"
+    for workers in (0, 2):                       # in a worker, the error reaches the main process as ours
+        cfg = replace(CFG, loader="stream", stream_resample=False, num_workers=workers)
+        for rank, name, what in ((1, names[1], "damaged shard"), (2, names[2], "holds 1 samples, the index says 5")):
+            lo = build_eval_loader(bad, cfg, TOK, split="train", rank=rank, world_size=3)
+            with pytest.raises(DataError) as e:
+                list(lo)
+            assert str(e.value).startswith(what if what == "damaged shard" else str(bad / name))
+            assert str(bad / name) in str(e.value) and what in str(e.value) and "Traceback" not in str(e.value)
