@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("mmer_dist.report", "side-by-side metrics of runs, per class (table and plot)"),
     "embed": ("mmer_dist.embed", "precompute frozen-encoder embeddings into embedding shards"),
     "demo": ("mmer_dist.demo", "synthetic corpus -> pack -> train baseline and weighted (2 CPU processes) -> report"),
+    "verify": ("mmer_dist.shards.verify", "check every shard's size and sha256 against its stats; name the damaged ones"),
 }
 """command -> (module with build_parser() and main(argv), one-line help)."""
 

@@ -179,7 +179,7 @@ def _write_shard(out: Path, name: str, split: str, labels: list[str], rows: list
     from mmer_dist.data.decode import embedding_ext
     from mmer_dist.shards.writer import write_stats, write_tar
 
-    offsets, size = write_tar(out, name, ((r["key"], r["members"]) for r in rows))
+    offsets, size, sha256 = write_tar(out, name, ((r["key"], r["members"]) for r in rows))
     counts = Counter(labels[r["label_id"]] for r in rows)
     mods = Counter(m for r in rows for m in modalities if embedding_ext(m) in r["members"])
     stats = ShardStats(
@@ -187,7 +187,7 @@ def _write_shard(out: Path, name: str, split: str, labels: list[str], rows: list
         samples=[SampleEntry(r["key"], r["label_id"], offsets[r["key"]], r["duration"]) for r in rows],
         bytes=size, class_counts={k: counts[k] for k in labels if counts[k]},
         modalities={m: mods[m] for m in modalities if mods[m]},
-        duration=round(sum(r["duration"] for r in rows), 6), skipped=skipped)
+        duration=round(sum(r["duration"] for r in rows), 6), skipped=skipped, sha256=sha256)
     write_stats(out, stats)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from mmer_dist.shards.schema import ShardIndex, SplitIndex, read_stats
+from mmer_dist.shards.schema import ShardIndex, ShardStats, SplitIndex, read_stats
 
 
 @dataclass
@@ -30,12 +30,15 @@ class MergedStats:
     files: dict[str, list[str]] = field(default_factory=dict)   # reason -> "path (key: modalities)" lines
 
 
-def merge_stats(out: Path, shards: list[tuple[str, str]], labels: list[str],
-                splits: list[str] | None = None) -> MergedStats:
-    """Merge the stats of `shards` [(split, shard name)], in that order; `splits` are created even when empty."""
+def merge_stats(out: Path, shards: list[tuple[str, str]], labels: list[str], splits: list[str] | None = None,
+                check: Callable[[str, ShardStats], None] | None = None) -> MergedStats:
+    """Merge the stats of `shards` [(split, shard name)], in that order; `splits` are created even when empty.
+    `check(name, stats)` sees every shard's stats as they are read (pack checks them against its plan)."""
     merged = MergedStats(splits={s: SplitIndex(class_counts={k: 0 for k in labels}) for s in splits or []})
     for split, name in shards:
         stats = read_stats(out, name)
+        if check is not None:
+            check(name, stats)
         for s in stats.skipped:
             (merged.dropped if s.get("dropped", True) else merged.degraded)[s["reason"]] += 1
             merged.files.setdefault(s["reason"], []).append(

@@ -7,6 +7,8 @@ A shards folder holds, per split, WebDataset tars and their index:
                                            marks the shard complete (resume skips it)
     index.json                             merged from the stats files at the end of a pack
     pack.json                              the packing arguments (a different config is refused)
+    plan.json                              which sample goes in which shard, with its digest: written
+                                           once by the first task; every task and the merge check it
     skipped.json                           inputs skipped or degraded, by reason, with names
 
 Members of one sample (a modality the utterance lacks is absent, never empty):
@@ -35,6 +37,7 @@ SCHEMA_VERSION = 1
 
 INDEX_FILE = "index.json"
 PACK_FILE = "pack.json"
+PLAN_FILE = "plan.json"
 SKIPPED_FILE = "skipped.json"
 
 META_EXT = "json"
@@ -76,6 +79,8 @@ class ShardStats:
     duration: float
     skipped: list[dict[str, Any]] = field(default_factory=list)   # inputs dropped/degraded while packing:
                                        # {key, reason, path, modalities, dropped, detail}
+    sha256: str = ""                   # of the tar's bytes, computed while writing it ("" = packed before
+                                       # checksums were recorded, or no tar); `mmer-dist verify` checks it
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
