@@ -211,7 +211,7 @@ def make_cluster(root: Path) -> Cluster:
         (root / n).mkdir()
     conf = write_conf(root, ports)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(SLURM_CONF=str(conf), PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+    env.update(SLURM_CONF=str(conf), PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}:/usr/sbin:/sbin",
                PYTHONPATH=f"{REPO}:{env.get('PYTHONPATH', '')}".rstrip(":"), OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
     return Cluster(root, conf, env)
@@ -270,7 +270,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture(scope="session")
 def slurm() -> Cluster:
-    missing = [b for b in BINARIES if shutil.which(b) is None]
+    missing = [b for b in BINARIES if shutil.which(b, path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin") is None]
     if missing:
         pytest.skip(f"Slurm binaries not found: {', '.join(missing)} (install with `apt-get install -y slurm-wlm "
                     f"munge`; .ci/run does)")
