@@ -138,7 +138,9 @@ def test_crash_is_requeued_up_to_the_limit_then_fails(slurm: Any, tmp_path: Path
     job = _submit(slurm, empty, tmp_path / "run", tmp_path, "--export=ALL,MMER_MAX_RESTARTS=1")
     (info,) = slurm.wait(job, timeout=300)
     log = (tmp_path / f"mmer-train-{job}.out").read_text()
-    assert info["JobState"] == "FAILED" and info["Restarts"] == "1" and info["ExitCode"] == "2:0", log[-3000:]
-    assert log.count(f"{empty / 'index.json'} not found") == 4          # both ranks, both attempts
-    assert "requeueing (restart 1 of MMER_MAX_RESTARTS=1)" in log
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "1" and info["ExitCode"] != "0:0", log[-3000:]
+    first, second = log.split(f"mmer-train: job {job}, restart 1:")           # two attempts, one log
+    for attempt in (first, second):       # the rank that failed first says why (srun may stop the other)
+        assert f"{empty / 'index.json'} not found" in attempt and "Exited with exit code 2" in attempt
+    assert "requeueing (restart 1 of MMER_MAX_RESTARTS=1)" in first
     assert log.rstrip().endswith("MMER_MAX_RESTARTS=1 reached, not requeued: the job fails (the error is above)")
