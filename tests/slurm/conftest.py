@@ -107,6 +107,7 @@ class Cluster:
     conf: Path
     env: dict[str, str]
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    history: dict[str, list[str]] = field(default_factory=dict)
 
     def run(self, *argv: str, check: bool = True, timeout: float = 60, cwd: Path | None = None) -> str:
         res = subprocess.run(list(argv), env=self.env, capture_output=True, text=True, timeout=timeout,
@@ -120,9 +121,16 @@ class Cluster:
         return self.run("sbatch", "--parsable", *args, cwd=cwd).strip().split(";")[0]
 
     def jobs(self, job: str) -> list[dict[str, str]]:
-        """`scontrol show job -o JOB`: one dict per job (array elements separately)."""
+        """`scontrol show job -o JOB`: one dict per job (array elements separately); every change of
+        state, reason or restart count is appended to `history[JOB]` (what the tests print)."""
         out = self.run("scontrol", "show", "job", "-o", job)
-        return [_parse_job_line(line) for line in out.splitlines() if line.strip()]
+        jobs = [_parse_job_line(line) for line in out.splitlines() if line.strip()]
+        seen = self.history.setdefault(job, [])
+        now = " ".join(f"{j.get('ArrayTaskId', j['JobId'])}:{j['JobState']}/{j.get('Reason')}/restarts={j.get('Restarts')}"
+                       for j in jobs)
+        if not seen or seen[-1] != now:
+            seen.append(now)
+        return jobs
 
     def state(self, job: str) -> str:
         return self.jobs(job)[0]["JobState"]
@@ -141,11 +149,18 @@ class Cluster:
         raise TimeoutError(f"job {job} not finished after {timeout} s: {[j['JobState'] for j in self.jobs(job)]}")
 
     def release(self, job: dict[str, str]) -> bool:
-        """Start a requeued job now instead of 120 s later (see the module docstring)."""
-        if job["JobState"] == "PENDING" and job.get("Reason") == "BeginTime" and int(job.get("Restarts", "0")) > 0:
-            self.run("scontrol", "update", f"JobId={job['JobId']}", "StartTime=now", check=False)
-            return True
-        return False
+        """Start a requeued job now instead of 120 s later (see the module docstring), once every process
+        of its previous run has ended: that is what the delay waits for (an earlier start would let the
+        old batch script's exit status land on the new run)."""
+        if job["JobState"] != "PENDING" or job.get("Reason") != "BeginTime" or int(job.get("Restarts", "0")) == 0:
+            return False
+        if job_processes(self.conf, job["JobId"]):
+            return False
+        time.sleep(1.0)                      # slurmd reports the old run's end to slurmctld
+        if job_processes(self.conf, job["JobId"]):
+            return False
+        self.run("scontrol", "update", f"JobId={job['JobId']}", "StartTime=now", check=False)
+        return True
 
     def queue(self) -> list[str]:
         return self.run("squeue", "-h", "-o", "%i").split()
@@ -157,6 +172,23 @@ class Cluster:
         deadline = time.time() + timeout
         while self.queue() and time.time() < deadline:
             time.sleep(0.5)
+
+
+def job_processes(conf: Path, job_id: str) -> list[int]:
+    """Live processes of job `job_id` of the cluster configured by `conf`: its slurmstepds (started by our
+    slurmd, so they carry our SLURM_CONF) and whatever they started."""
+    stepd, job, ours = f"slurmstepd: [{job_id}.".encode(), f"SLURM_JOB_ID={job_id}".encode(), f"SLURM_CONF={conf}".encode()
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            if not d.name.isdigit():
+                continue
+            env = (d / "environ").read_bytes().split(b"\0")
+            if ours in env and ((d / "cmdline").read_bytes().startswith(stepd) or job in env) and _alive(int(d.name)):
+                found.append(int(d.name))
+        except OSError:
+            continue
+    return found
 
 
 def _start(cluster: Cluster, name: str, argv: list[str]) -> None:

@@ -124,7 +124,7 @@ def test_stop_signal_and_crash_requeue_and_resume_bit_exact(slurm: Any, synth_me
     os.kill(pid, signal.SIGKILL)                                   # a crash (as the OOM killer would)
     (info,) = slurm.wait(job, timeout=400)
     log = (tmp_path / f"mmer-train-{job}.out").read_text()
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "2", log[-3000:]
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "2", ("\n".join(slurm.history[job]) + "\n" + log[-1500:])
     assert f"signal {int(signal.SIGTERM)} received: checkpoint saved at step" in log
     assert log.count("resumed from") == 2
     assert "training exited with status" in log and "requeueing (restart 2 of MMER_MAX_RESTARTS=2)" in log
