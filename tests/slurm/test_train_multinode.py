@@ -1,9 +1,9 @@
 """slurm/train.sbatch on the test cluster (CPU, gloo, one process per node):
 
 * two nodes give the metrics and the exported weights of a local 2-process torchrun run of the same config;
-* a job stopped by SIGTERM (what --signal=TERM@N, preemption and scontrol requeue send) checkpoints, requeues
-  itself and resumes; then a rank killed mid-run (a crash) is requeued too; the final weights equal the
-  uninterrupted run's bit for bit;
+* a job sent SIGTERM (what --signal=TERM@N, preemption and scontrol requeue send) while it starts, then
+  mid-run, requeues itself each time (checkpointing the second time) and resumes; then a rank killed
+  mid-run (a crash) is requeued too; the final weights equal the uninterrupted run's bit for bit;
 * a job whose ranks keep failing is requeued MMER_MAX_RESTARTS times, then fails with the reason in its log.
 """
 
@@ -99,7 +99,7 @@ def _rank_pid(job: str, rank: int) -> int | None:
     want = {f"SLURM_JOB_ID={job}".encode(), f"SLURM_PROCID={rank}".encode()}
     for d in Path("/proc").iterdir():
         try:
-            if d.name.isdigit() and b"mmer_dist.train" in (d / "cmdline").read_bytes():
+            if d.name.isdigit() and b"mmer_dist.slurm\0train" in (d / "cmdline").read_bytes():
                 env = set((d / "environ").read_bytes().split(b"\0"))
                 if want <= env:
                     return int(d.name)
@@ -108,26 +108,40 @@ def _rank_pid(job: str, rank: int) -> int | None:
     return None
 
 
-def test_stop_signal_and_crash_requeue_and_resume_bit_exact(slurm: Any, synth_meld_shards: Path, local_run: Path,
-                                                           tmp_path: Path) -> None:
+def _requeued(slurm: Any, job: str, restarts: int) -> None:
+    """Wait until the job was requeued `restarts` times, then start it without Slurm's 120 s delay."""
+    _wait_until(f"restart {restarts}", lambda: slurm.jobs(job)[0]["Restarts"] == str(restarts))
+    _wait_until(f"run {restarts} started", lambda: slurm.release(slurm.jobs(job)[0]) or slurm.state(job) == "RUNNING")
+
+
+def test_stop_signals_and_crash_requeue_and_resume_bit_exact(slurm: Any, synth_meld_shards: Path, local_run: Path,
+                                                            tmp_path: Path) -> None:
     run = tmp_path / "run"
-    job = _submit(slurm, synth_meld_shards, run, tmp_path, "--export=ALL,MMER_MAX_RESTARTS=2")
+    job = _submit(slurm, synth_meld_shards, run, tmp_path, "--export=ALL,MMER_MAX_RESTARTS=3")
+    # 1. a stop signal while the processes start (before the loop handles signals): requeued, nothing lost
+    _wait_until("rank 1 started", lambda: _rank_pid(job, 1) is not None)
+    time.sleep(0.5)
+    assert not _train_records(run), "training started before the first signal: the test proves nothing"
+    slurm.run("scancel", "--signal=TERM", job)
+    _requeued(slurm, job, 1)
+    # 2. a stop signal mid-run (what --signal=TERM@N sends before the time limit): checkpoint, requeue
     _wait_until("two steps logged", lambda: len(_train_records(run)) >= 2)
-    slurm.run("scancel", "--signal=TERM", job)                     # what --signal=TERM@N sends at the limit
-    _wait_until("requeued by rank 0", lambda: slurm.jobs(job)[0]["Restarts"] == "1")
-    _wait_until("started again", lambda: slurm.release(slurm.jobs(job)[0]) or slurm.state(job) == "RUNNING", 60)
+    slurm.run("scancel", "--signal=TERM", job)
+    _requeued(slurm, job, 2)
     stopped_at = max(r["step"] for r in _train_records(run))
-    _wait_until("a checkpoint after the resume",
-                lambda: any(r["step"] >= stopped_at + 2 for r in _train_records(run)))
+    # 3. a crash after the resume (a rank killed, as the OOM killer would): requeued as a crash
+    _wait_until("two steps after the resume", lambda: any(r["step"] >= stopped_at + 2 for r in _train_records(run)))
     pid = _rank_pid(job, 1)
     assert pid is not None, "rank 1 not found"
-    os.kill(pid, signal.SIGKILL)                                   # a crash (as the OOM killer would)
+    os.kill(pid, signal.SIGKILL)
+    _requeued(slurm, job, 3)
     (info,) = slurm.wait(job, timeout=400)
     log = (tmp_path / f"mmer-train-{job}.out").read_text()
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "2", ("\n".join(slurm.history[job]) + "\n" + log[-1500:])
-    assert f"signal {int(signal.SIGTERM)} received: checkpoint saved at step" in log
-    assert log.count("resumed from") == 2
-    assert "training exited with status" in log and "requeueing (restart 2 of MMER_MAX_RESTARTS=2)" in log
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "3", ("\n".join(slurm.history[job]) + "\n" + log[-1500:])
+    assert f"rank 0: signal {int(signal.SIGTERM)} before training started; nothing to checkpoint, requeueing" in log
+    assert f"signal {int(signal.SIGTERM)} received: checkpoint saved at step {stopped_at}" in log
+    assert log.count("resumed from") == 2                        # the run after (1) had no checkpoint yet
+    assert "requeueing (restart 3 of MMER_MAX_RESTARTS=3)" in log
     a, b = _weights(local_run), _weights(run)
     assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
 

@@ -1,0 +1,49 @@
+"""mmer_dist.slurm without a cluster: a stop signal before training starts exits 0 at once (nothing to
+checkpoint), the stop signals are ignored once training returned, a finished step is not a crash.
+(tests/slurm runs the same code under a real scheduler.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mmer_dist import slurm
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_stop_signal_while_starting_exits_0_at_once(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", SLURM_PROCID="1")
+    proc = subprocess.Popen([sys.executable, "-m", "mmer_dist.slurm", "train", "--config", "debug", "--shards",
+                             str(tmp_path), "--out", str(tmp_path / "run")], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)                          # the handler is in place; torch is still importing
+    t = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert "rank 1: signal 15 before training started; nothing to checkpoint" in err
+    assert time.time() - t < 10 and not (tmp_path / "run").exists()
+
+
+def test_stop_signals_are_ignored_after_training_returned() -> None:
+    before = {s: signal.getsignal(s) for s in slurm.STOP_SIGNALS}
+    try:
+        assert slurm.run_training(["--config", "debug", "--dump-config"]) == 0
+        assert all(signal.getsignal(s) == signal.SIG_IGN for s in slurm.STOP_SIGNALS)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
+def test_after_step_passes_success_and_refuses_bad_usage(capsys) -> None:
+    assert slurm.after_step(0, {"SLURM_JOB_ID": "1", "SLURM_RESTART_COUNT": "9", "MMER_MAX_RESTARTS": "0"}) == 0
+    assert capsys.readouterr().err == ""
+    assert slurm.after_step(3, {}) == 3                # no job: nothing to requeue, the status is kept
+    assert "not requeued again" in capsys.readouterr().err
+    assert slurm.main(["after-step", "x"]) == 2 and slurm.main([]) == 2
