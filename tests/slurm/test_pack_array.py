@@ -53,6 +53,7 @@ def test_job_array_and_merge_job_equal_a_local_pack(slurm: Any, corpus: tuple[Pa
     assert states == {str(t): "COMPLETED" for t in range(TASKS)}
     assert slurm.wait(merge)[0]["JobState"] == "COMPLETED"
     assert _files(out) == _files(ref)                        # byte for byte, index.json and plan.json included
+    print(*(f"job {j} states seen: {', '.join(slurm.history[j])}" for j in (array, merge)), sep="\n")
     written = [json.loads(p.read_text())["shard"] for p in out.glob("*.stats.json")]
     assert len(written) == len(json.loads((ref / "plan.json").read_text())["shards"]) == 31
 
@@ -105,3 +106,4 @@ def test_cancelled_task_resubmitted_writes_only_its_missing_shards(slurm: Any, c
     rewritten = sorted(n for n in after if before.get(n) != after[n])
     assert rewritten == sorted(f for n in missing for f in (n, n.replace(".tar", ".stats.json")))
     assert _files(out) == _files(ref)
+    print(*(f"job {j} states seen: {', '.join(h)}" for j, h in slurm.history.items()), sep="\n")

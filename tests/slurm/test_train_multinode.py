@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 # tiny and deterministic (dropout off): as tests/smoke/test_train.py
 RUN = ["--config", "debug", "data.modalities=[text,audio]", "model.fusion.dropout=0.0", "model.text.dropout=0.0",
        "model.audio.dropout=0.0", "optim.warmup_steps=2", "data.batch_size=8", "train.log_every=1",
-       "train.max_steps=12", "train.eval_every=4", "train.checkpoint_every=2", "train.keep_checkpoints=10",
+       "train.max_steps=8", "train.eval_every=4", "train.checkpoint_every=2", "train.keep_checkpoints=10",
        "train.dist_timeout_s=120"]
 
 
@@ -76,6 +76,7 @@ def test_two_nodes_match_local_torchrun(slurm: Any, synth_meld_shards: Path, loc
     # index = local rank), the same 2-rank gloo all-reduce. Across real nodes (other CPUs, NCCL) expect
     # agreement to float rounding instead (rtol ~1e-5).
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    print(f"job {job} states seen:", *slurm.history[job], sep="\n  ")
 
 
 def _train_records(run: Path) -> list[dict[str, Any]]:
@@ -144,6 +145,7 @@ def test_stop_signals_and_crash_requeue_and_resume_bit_exact(slurm: Any, synth_m
     assert "requeueing (restart 3 of MMER_MAX_RESTARTS=3)" in log
     a, b = _weights(local_run), _weights(run)
     assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    print(f"job {job} states seen:", *slurm.history[job], sep="\n  ")
 
 
 def test_crash_is_requeued_up_to_the_limit_then_fails(slurm: Any, tmp_path: Path) -> None:
@@ -158,3 +160,4 @@ def test_crash_is_requeued_up_to_the_limit_then_fails(slurm: Any, tmp_path: Path
         assert f"{empty / 'index.json'} not found" in attempt and "Exited with exit code 2" in attempt
     assert "requeueing (restart 1 of MMER_MAX_RESTARTS=1)" in first
     assert log.rstrip().endswith("MMER_MAX_RESTARTS=1 reached, not requeued: the job fails (the error is above)")
+    print(f"job {job} states seen:", *slurm.history[job], sep="\n  ")
