@@ -67,13 +67,11 @@ from mmer_dist.corpora import read_corpus
 from mmer_dist.corpora.labels import labels_for
 from mmer_dist.corpora.record import ReadReport
 from mmer_dist.shards import media
-from mmer_dist.shards.merge import merge_stats, record_diff, split_lines
+from mmer_dist.shards.merge import merge_pack, record_diff, split_lines
 from mmer_dist.shards.plan import (
-    PackConfig, PackError, Plan, PlannedShard, ShardJob, parse_bytes, plan_shards, reader_options_for, record_plan,
+    PackConfig, PackError, Plan, ShardJob, parse_bytes, plan_shards, reader_options_for, record_plan,
 )
-from mmer_dist.shards.schema import (
-    INDEX_FILE, PACK_FILE, PLAN_FILE, SKIPPED_FILE, ShardIndex, ShardStats, stats_name, write_json_atomic,
-)
+from mmer_dist.shards.schema import INDEX_FILE, PACK_FILE, PLAN_FILE, SKIPPED_FILE, ShardIndex, write_json_atomic
 from mmer_dist.shards.writer import (
     ShardOutcome, WriteSpec, complete_shards, list_folder, remove_leftovers, write_shard,
 )
@@ -135,73 +133,6 @@ class _TaskLock:
 def write_shard_in_worker(job: ShardJob, spec: WriteSpec) -> ShardOutcome:
     """`write_shard` in a pool process, reporting progress through the queue to the main process."""
     return write_shard(job, spec, progress=_QUEUE.put)
-
-
-# --------------------------------------------------------------------------- merge
-
-
-def merge(out: str | Path, plan: Plan, cfg: PackConfig, report: ReadReport) -> ShardIndex:
-    """Check every planned shard's stats against the plan, merge them into index.json and skipped.json
-    (atomically). PackError when a shard is incomplete or holds other keys than planned."""
-    out = Path(out)
-    _require_complete(out, plan)
-    labels = list(labels_for(cfg.corpus))
-    planned = {s.name: s for s in plan.shards}
-    wrong: list[str] = []
-    merged = merge_stats(out, [(s.split, s.name) for s in plan.shards], labels,
-                         check=lambda name, stats: wrong.append(_against_plan(planned[name], stats)))
-    wrong = [w for w in wrong if w]
-    if wrong:
-        raise PackError(
-            f"{len(wrong)} shard(s) in {out} do not hold what {out / PLAN_FILE} planned:\n"
-            + "\n".join(f"  - {m}" for m in wrong[:5])
-            + "\nThey were written from another view of the corpus. Delete their .stats.json files and run the "
-              "tasks that write them again (the pack redoes shards without stats).")
-    media_skipped, media_degraded = merged.dropped, merged.degraded
-    index = ShardIndex(corpus=cfg.corpus, profile=cfg.profile, labels=labels, splits=merged.splits,
-                       extra={"pack_hash": cfg.digest(), "sample_rate": cfg.sample_rate,
-                              "video_size": cfg.video_size, "video_fps": cfg.video_fps})
-    write_json_atomic(out / INDEX_FILE, index.to_json())
-    rd = report.to_dict()
-    dropped = Counter(rd["skipped"]) + media_skipped
-    degraded = Counter(rd["degraded"]) + media_degraded
-    write_json_atomic(out / SKIPPED_FILE, {
-        "dropped": dict(sorted(dropped.items())), "degraded": dict(sorted(degraded.items())),
-        "total_dropped": sum(dropped.values()), "total_degraded": sum(degraded.values()),
-        "reader": rd,
-        "media": {"dropped": dict(sorted(media_skipped.items())), "degraded": dict(sorted(media_degraded.items())),
-                  "files": merged.files},
-    })
-    return index
-
-
-def _require_complete(out: Path, plan: Plan) -> None:
-    """PackError naming the planned shards that have no stats yet (from one listing of `out`)."""
-    done = complete_shards(out, [s.name for s in plan.shards], list_folder(out))
-    missing = [s for s in plan.shards if s.name not in done]
-    if missing:
-        raise PackError(
-            f"{len(missing)} of {len(plan.shards)} planned shards in {out} are not complete yet (plan position: "
-            f"name: {', '.join(f'{s.index}: {s.name}' for s in missing[:5])}); in a job array of T tasks, "
-            f"position i is written by task i % T. Let the remaining tasks finish, or resubmit them (or run the "
-            f"pack again with the same arguments), before --merge-only")
-
-
-def _against_plan(planned: PlannedShard, stats: ShardStats) -> str:
-    """'' when the stats hold exactly the planned keys (kept, in plan order, plus dropped); else what differs."""
-    where = stats_name(planned.name)
-    if (stats.shard, stats.split) != (planned.name, planned.split):
-        return f"{where}: describes shard {stats.shard} of split {stats.split}, planned {planned.name} of {planned.split}"
-    dropped = {s["key"] for s in stats.skipped if s.get("dropped")}
-    kept = [e.key for e in stats.samples]
-    expected = [k for k in planned.keys if k not in dropped]
-    if kept == expected and dropped <= set(planned.keys):
-        return ""
-    extra = sorted((set(kept) | dropped) - set(planned.keys))
-    lacking = sorted(set(planned.keys) - set(kept) - dropped)
-    detail = (f"holds {len(extra)} unplanned key(s) ({', '.join(extra[:3])})" if extra else "") + \
-             (f"{'; ' if extra else ''}lacks {len(lacking)} planned key(s) ({', '.join(lacking[:3])})" if lacking else "")
-    return f"{where}: {detail or 'the planned keys in another order'}"
 
 
 # --------------------------------------------------------------------------- the pack
@@ -318,7 +249,7 @@ def pack(corpus: str, root: str | Path, out: str | Path, *, profile: str = "trai
     index = None
     names = [s.name for s in plan.shards]
     if merge_only or len(complete_shards(out, names, list_folder(out))) == len(names):
-        index = merge(out, plan, cfg, report)         # merge_only: PackError when incomplete
+        index = merge_pack(out, plan, cfg, report)    # merge_only: PackError when incomplete
     dropped, degraded = _counts(out, report, outcomes, merged=index is not None)
     timings["merge"] = time.perf_counter() - t_merge
     return PackResult(

@@ -34,7 +34,7 @@ from typing import Any
 
 from mmer_dist.corpora.record import Utterance
 from mmer_dist.shards import media
-from mmer_dist.shards.schema import PLAN_FILE, SCHEMA_VERSION, shard_name
+from mmer_dist.shards.schema import PLAN_FILE, SCHEMA_VERSION, ShardStats, shard_name, stats_name
 
 PROFILES = ("train", "raw")
 MISSING_MEDIA = ("keep", "skip")
@@ -236,6 +236,23 @@ class Plan:
             lines.append(f"{len(self.shards)} shards planned, now {len(other.shards)}; shards cut differently: "
                          f"{', '.join(moved[:limit])}")
         return lines
+
+
+def check_stats(planned: PlannedShard, stats: ShardStats) -> str:
+    """'' when the stats hold exactly the planned keys (kept, in plan order, plus dropped); else what differs."""
+    where = stats_name(planned.name)
+    if (stats.shard, stats.split) != (planned.name, planned.split):
+        return f"{where}: describes shard {stats.shard} of split {stats.split}, planned {planned.name} of {planned.split}"
+    dropped = {s["key"] for s in stats.skipped if s.get("dropped")}
+    kept = [e.key for e in stats.samples]
+    expected = [k for k in planned.keys if k not in dropped]
+    if kept == expected and dropped <= set(planned.keys):
+        return ""
+    extra = sorted((set(kept) | dropped) - set(planned.keys))
+    lacking = sorted(set(planned.keys) - set(kept) - dropped)
+    detail = (f"holds {len(extra)} unplanned key(s) ({', '.join(extra[:3])})" if extra else "") + \
+             (f"{'; ' if extra else ''}lacks {len(lacking)} planned key(s) ({', '.join(lacking[:3])})" if lacking else "")
+    return f"{where}: {detail or 'the planned keys in another order'}"
 
 
 def _sizes_by_key(plan: Plan) -> dict[str, int]:

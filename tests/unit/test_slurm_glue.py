@@ -16,19 +16,31 @@ from mmer_dist import slurm
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_stop_signal_while_starting_exits_0_at_once(tmp_path: Path) -> None:
+def catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler for `sig` (the kernel's SigCgt mask)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(mask >> (sig - 1) & 1)
+
+
+def test_stop_signal_while_starting_exits_0_at_once(synth_meld_shards: Path, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", SLURM_PROCID="1")
     proc = subprocess.Popen([sys.executable, "-m", "mmer_dist.slurm", "train", "--config", "debug", "--shards",
-                             str(tmp_path), "--out", str(tmp_path / "run")], env=env, cwd=REPO,
+                             str(synth_meld_shards), "--out", str(tmp_path / "run")], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)                          # the handler is in place; torch is still importing
+    deadline = time.time() + 30
+    while not catches(proc.pid, signal.SIGTERM) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)                    # the first handler is mmer_dist.slurm's: the loop's comes seconds later
     t = time.time()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-2000:]
     assert "rank 1: signal 15 before training started; nothing to checkpoint" in err
-    assert time.time() - t < 10 and not (tmp_path / "run").exists()
+    assert time.time() - t < 10 and not (tmp_path / "run" / "log.jsonl").exists()
 
 
 def test_stop_signals_are_ignored_after_training_returned() -> None:
