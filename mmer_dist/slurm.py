@@ -7,13 +7,14 @@
 --signal before a time limit, preemption, `scancel --signal`) could kill a process made safe:
 
 * before the training loop installs its own handler (imports, process group, loaders: tens of
-  seconds on a busy node), a stop signal requeues the job (rank 0) and exits 0 at once: nothing was
-  trained in this run, the requeued one starts afresh from the newest checkpoint;
+  seconds on a busy node), a stop signal is held and passed on to the loop's handler as soon as it
+  is installed: the run stops at its first step like any stopped run. (Not requeued at once: srun
+  sends the same SIGTERM to the other tasks when one crashes, and a crash must count as a crash.)
 * after training returned, the signals are ignored: Python restores the default action of a handled
   signal while it shuts down, and a late signal would turn a finished run into a "crash".
 
-Between the two, mmer_dist.train handles the signal: every rank checkpoints at the same step, exits
-0, and rank 0 requeues the job.
+In between, mmer_dist.train handles the signal: every rank checkpoints at the same step, exits 0, and
+rank 0 requeues the job.
 
 `after-step STATUS` runs in the batch script with srun's exit status: 0 is done (or stopped and already
 requeued); non-zero while the job is still RUNNING is a crash, requeued while SLURM_RESTART_COUNT <
@@ -27,6 +28,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from typing import Any, Mapping
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -59,13 +62,19 @@ def job_state(job: str) -> str:
 
 
 def _stop_before_training(signum: int, frame: Any) -> None:
+    """Hold a stop signal that came before the loop handles signals; a thread hands it on (see module doc)."""
     rank = os.environ.get("SLURM_PROCID", "0")
-    job = os.environ.get("SLURM_JOB_ID", "")
-    print(f"mmer-train: rank {rank}: signal {signum} before training started; nothing to checkpoint"
-          + ("" if rank != "0" or not job else f", requeueing job {job}"), file=sys.stderr, flush=True)
-    if rank == "0" and job and os.environ.get("MMER_REQUEUE", "1") == "1":
-        requeue(job)
-    os._exit(0)
+    print(f"mmer-train: rank {rank}: signal {signum} before the training loop started; passing it on to the "
+          f"loop once it handles signals", file=sys.stderr, flush=True)
+    threading.Thread(target=_pass_on, args=(signum,), daemon=True).start()
+
+
+def _pass_on(signum: int, poll_s: float = 0.05) -> None:
+    """Wait until the loop replaced our handler, then send `signum` again (to its handler this time)."""
+    while signal.getsignal(signum) is _stop_before_training:
+        time.sleep(poll_s)
+    if callable(signal.getsignal(signum)):            # not SIG_IGN: training did not end before its loop began
+        os.kill(os.getpid(), signum)
 
 
 def run_training(argv: list[str]) -> int:

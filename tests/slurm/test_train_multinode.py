@@ -99,8 +99,9 @@ def _rank_pid(job: str, rank: int) -> int | None:
     """The pid of training rank `rank` of Slurm job `job` (a python started by slurmstepd)."""
     want = {f"SLURM_JOB_ID={job}".encode(), f"SLURM_PROCID={rank}".encode()}
     for d in Path("/proc").iterdir():
-        try:
-            if d.name.isdigit() and b"mmer_dist.slurm\0train" in (d / "cmdline").read_bytes():
+        try:                                 # python -m mmer_dist.slurm train ... (not the srun that started it)
+            if d.name.isdigit() and (d / "cmdline").read_bytes().split(b"\0")[1:4] == [b"-m", b"mmer_dist.slurm",
+                                                                                        b"train"]:
                 env = set((d / "environ").read_bytes().split(b"\0"))
                 if want <= env:
                     return int(d.name)
@@ -129,12 +130,14 @@ def test_stop_signals_and_crash_requeue_and_resume_bit_exact(slurm: Any, synth_m
                                                             tmp_path: Path) -> None:
     run = tmp_path / "run"
     job = _submit(slurm, synth_meld_shards, run, tmp_path, "--export=ALL,MMER_MAX_RESTARTS=3")
-    # 1. a stop signal while the processes start (before the loop handles signals): requeued, nothing lost
+    # 1. a stop signal while the processes start (before the loop handles signals): held, then the run stops
+    #    at its first step, checkpoints and requeues itself
     _wait_until("both ranks handle signals", lambda: all(_catches_term(_rank_pid(job, r)) for r in (0, 1)))
     slurm.run("scancel", "--signal=TERM", job)          # at once: the loop's own handler comes seconds later
     _requeued(slurm, job, 1)
+    first_stop = max(r["step"] for r in _train_records(run))
     # 2. a stop signal mid-run (what --signal=TERM@N sends before the time limit): checkpoint, requeue
-    _wait_until("two steps logged", lambda: len(_train_records(run)) >= 2)
+    _wait_until("two steps after the resume", lambda: any(r["step"] >= first_stop + 2 for r in _train_records(run)))
     slurm.run("scancel", "--signal=TERM", job)
     _requeued(slurm, job, 2)
     stopped_at = max(r["step"] for r in _train_records(run))
@@ -147,9 +150,10 @@ def test_stop_signals_and_crash_requeue_and_resume_bit_exact(slurm: Any, synth_m
     (info,) = slurm.wait(job, timeout=400)
     log = (tmp_path / f"mmer-train-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "3", ("\n".join(slurm.history[job]) + "\n" + log[-1500:])
-    assert f"rank 0: signal {int(signal.SIGTERM)} before training started; nothing to checkpoint, requeueing" in log
-    assert f"signal {int(signal.SIGTERM)} received: checkpoint saved at step {stopped_at}" in log
-    assert log.count("resumed from") == 2                        # the run after (1) had no checkpoint yet
+    assert f"rank 0: signal {int(signal.SIGTERM)} before the training loop started; passing it on" in log
+    assert first_stop == 1 and f"signal {int(signal.SIGTERM)} received: checkpoint saved at step 1;" in log
+    assert f"signal {int(signal.SIGTERM)} received: checkpoint saved at step {stopped_at};" in log
+    assert log.count("resumed from") == 3
     assert "requeueing (restart 3 of MMER_MAX_RESTARTS=3)" in log
     a, b = _weights(local_run), _weights(run)
     assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
