@@ -10,17 +10,30 @@ Prints one JSON line per figure (with machine and versions):
 - raw profile: MB/s against a plain `shutil.copy` of the same files;
 - peak RSS of a packing worker, on the full corpus and on a fifth of it (it must not grow
   with the corpus: a worker holds one sample at a time).
+
+Scale case (plan + write + merge at ~20k tiny shards), old code against new in the same run:
+
+    .venv/bin/python benchmarks/pack.py --scale 20000               # old = f116805, from `git archive`
+    .venv/bin/python benchmarks/pack.py --scale 20000 --old-ref main
+
+A text-only MELD-layout corpus (CSVs only, 5 utterances per shard) is packed as a 4-task job array
+(tasks run one after another, each in its own process with PYTHONPATH set to that code), then merged
+by a `--merge-only` job. One JSON line per figure and code: seconds per phase (read, plan, write,
+merge; summed over the tasks), the resident memory of a task while it writes (VmRSS at its first
+shard: what it holds after planning) and its peak (VmHWM), and the new/old ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import json
 import multiprocessing as mp
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -132,15 +145,127 @@ def raw_real(work: Path) -> None:
     emit("raw_real_vs_copy_fsync_ratio", copy_fsync_s / res.seconds, "ratio", workers=1, **info)
 
 
+# --------------------------------------------------------------------------- scale: plan + merge at ~20k shards
+
+SCALE_TASKS = 4
+SCALE_PER_SHARD = 5
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_text_corpus(root: Path, n: int) -> None:
+    """A MELD-layout root with CSVs only (no clip folders: text-only utterances), `n` rows over 3 splits."""
+    import csv
+
+    from mmer_dist.corpora.labels import MELD_LABELS
+    from mmer_dist.corpora.meld import COLUMNS, CSV_NAMES
+
+    root.mkdir(parents=True)
+    per = {"train": n * 8 // 10, "dev": n // 10}
+    per["test"] = n - per["train"] - per["dev"]
+    for split, rows in per.items():
+        with open(root / CSV_NAMES[split], "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(COLUMNS)
+            for i in range(rows):
+                emotion = MELD_LABELS[i % len(MELD_LABELS)]
+                sentiment = "neutral" if emotion == "neutral" else "negative"
+                w.writerow([i + 1, f"utterance number {i} of the {split} split", f"Speaker{i % 6}", emotion, sentiment,
+                            i // 10, i % 10, 1, 1, "00:00:01,000", "00:00:02,000"])
+
+
+def scale_task(spec: dict) -> dict:
+    """One task of the scale case, in a process whose PYTHONPATH picks the code: its timings and memory."""
+    import mmer_dist.shards.pack as pack_module
+
+    rss_at_write: list[float] = []
+    real_write = pack_module.write_shard
+
+    def write_and_measure(*args, **kwargs):               # once, at the first shard of this task
+        if not rss_at_write:
+            gc.collect()
+            rss_at_write.extend([_vm("VmRSS"), sys.getallocatedblocks()])   # blocks: live objects, whatever
+        return real_write(*args, **kwargs)                                   # the allocator kept from the OS
+
+    pack_module.write_shard = write_and_measure
+    t = time.perf_counter()
+    res = pack("meld", spec["root"], spec["out"], shard_samples=SCALE_PER_SHARD, task_id=spec.get("task"),
+               num_tasks=SCALE_TASKS, merge_only=spec.get("merge_only", False), progress=False)
+    return {"timings": res.timings, "seconds": time.perf_counter() - t, "planned": res.planned_shards,
+            "written": len(res.written), "merged": res.index is not None,
+            "rss_mb_writing": rss_at_write[0] if rss_at_write else None,
+            "live_blocks_writing": rss_at_write[1] if rss_at_write else None, "peak_rss_mb": _vm("VmHWM")}
+
+
+def _vm(field: str) -> float:
+    with open("/proc/self/status", encoding="ascii") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
+
+
+def _old_code(ref: str, dest: Path) -> Path:
+    """The package at git `ref`, extracted with `git archive` (no worktree, nothing checked out)."""
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "mmer_dist"], check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return dest
+
+
+def _run_task(code: Path, spec: dict) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(code), OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, __file__, "--scale-task", json.dumps(spec)], env=env, check=True,
+                         capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def scale(n_shards: int, old_ref: str, work: Path) -> None:
+    """Pack a text-only corpus of n_shards * 5 utterances with the old and the new code; JSON lines."""
+    root = work / "raw-text"
+    write_text_corpus(root, n_shards * SCALE_PER_SHARD)
+    codes = {"old": _old_code(old_ref, work / "old-code"), "new": REPO}
+    figures: dict[str, dict[str, float]] = {}
+    for code, path in codes.items():
+        out = work / f"scale-{code}"
+        tasks = [_run_task(path, {"root": str(root), "out": str(out), "task": t}) for t in range(SCALE_TASKS)]
+        merge = _run_task(path, {"root": str(root), "out": str(out), "merge_only": True})
+        phases = {k: sum(t["timings"][k] for t in tasks) for k in ("read", "plan", "write")}
+        figures[code] = {**{f"{k}_s": v for k, v in phases.items()},
+                         "merge_s (last task)": tasks[-1]["timings"]["merge"],
+                         "merge_s (--merge-only job)": merge["timings"]["merge"],
+                         "rss_mb_writing (task 0)": tasks[0]["rss_mb_writing"],
+                         "python_blocks_writing (task 0)": tasks[0]["live_blocks_writing"],
+                         "peak_rss_mb (task 0)": tasks[0]["peak_rss_mb"]}
+        common = {"shards": tasks[0]["planned"], "utterances": n_shards * SCALE_PER_SHARD, "tasks": SCALE_TASKS,
+                  "code": code, "ref": old_ref if code == "old" else "worktree"}
+        for figure, value in figures[code].items():
+            unit = "MB" if "rss" in figure else "blocks" if "blocks" in figure else "s"
+            emit(f"scale_{figure}", value, unit, **common)
+    for figure in figures["new"]:
+        old, new = figures["old"][figure], figures["new"][figure]
+        emit(f"scale_{figure}_new_over_old", new / old if old else float("nan"), "ratio",
+             shards=n_shards, old_ref=old_ref)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", type=int, default=0, help="run only the scale case with this many shards (e.g. 20000)")
+    ap.add_argument("--old-ref", default="f116805", help="git ref of the old code for --scale (default f116805)")
+    ap.add_argument("--scale-task", default="", help=argparse.SUPPRESS)     # internal: one task of --scale
     ap.add_argument("--n", type=int, default=500, help="synthetic MELD clips (default 500)")
     ap.add_argument("--keep", default="", help="work folder to keep (default: a temp folder, deleted)")
     ap.add_argument("--shard-samples", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats of pack and bare loop (best kept)")
     args = ap.parse_args(argv)
+    if args.scale_task:
+        print(json.dumps(scale_task(json.loads(args.scale_task))))
+        return 0
 
     work = Path(args.keep or tempfile.mkdtemp(prefix="bench-pack-"))
+    if args.scale:
+        try:
+            scale(args.scale, args.old_ref, work)
+        finally:
+            if not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
+        return 0
     try:
         raw = work / "raw"
         if not raw.exists():

@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mmer_dist.demo", "synthetic corpus -> pack -> train baseline and weighted (2 CPU processes) -> report"),
     "sweep": ("mmer_dist.experiments.sweep", "a grid of seeds x folds x overrides as run folders (resumable; local or Slurm)"),
     "summarize": ("mmer_dist.experiments.summary", "mean, std and 95% CI over a sweep's runs, its ensemble, a plot"),
+    "verify": ("mmer_dist.shards.verify", "check every shard's size and sha256 against its stats; name the damaged ones"),
 }
 """command -> (module with build_parser() and main(argv), one-line help)."""
 

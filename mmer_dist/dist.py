@@ -95,10 +95,11 @@ def world_info(env: Mapping[str, str] | None = None) -> WorldInfo:
 
 def export_slurm_env(env: dict[str, str] | None = None) -> None:
     """Under plain `srun python -m ...` (no torchrun), publish the torchrun variables so
-    Accelerate and torch.distributed find the world. No-op when RANK is already set."""
+    Accelerate and torch.distributed find the world. No-op when RANK is already set, and for a
+    single task (a sweep's one-task jobs share nodes: a derived MASTER_PORT would clash between them)."""
     env = os.environ if env is None else env
     info = world_info(env)
-    if info.source != "slurm":
+    if info.source != "slurm" or info.world_size == 1:
         return
     env.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank),
                MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port))

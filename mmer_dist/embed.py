@@ -130,7 +130,7 @@ def _write_shard(out: Path, name: str, split: str, labels: list[str], rows: list
     from mmer_dist.data.decode import embedding_ext
     from mmer_dist.shards.writer import write_stats, write_tar
 
-    offsets, size = write_tar(out, name, ((r["key"], r["members"]) for r in rows))
+    offsets, size, sha256 = write_tar(out, name, ((r["key"], r["members"]) for r in rows))
     counts = Counter(labels[r["label_id"]] for r in rows)
     mods = Counter(m for r in rows for m in modalities if embedding_ext(m) in r["members"])
     stats = ShardStats(
@@ -139,7 +139,7 @@ def _write_shard(out: Path, name: str, split: str, labels: list[str], rows: list
                  for r in rows],
         bytes=size, class_counts={k: counts[k] for k in labels if counts[k]},
         modalities={m: mods[m] for m in modalities if mods[m]},
-        duration=round(sum(r["duration"] for r in rows), 6), skipped=skipped)
+        duration=round(sum(r["duration"] for r in rows), 6), skipped=skipped, sha256=sha256)
     write_stats(out, stats)
 
 

@@ -30,6 +30,7 @@ smaller; the number of batches never changes); `counts()` is this rank's running
 
 from __future__ import annotations
 
+import signal
 from collections import Counter
 from typing import Any, Callable, Iterator, Protocol
 
@@ -113,6 +114,11 @@ def _worker_init(_: int) -> None:
     # one intra-op thread per worker: the workers are the parallelism (the codecs are set to one
     # thread in decode.py)
     torch.set_num_threads(1)
+    # Stop signals are the main process's to handle: srun and Ctrl-C send them to every process of the
+    # step or terminal group, and a worker killed by one would fail the run instead of letting the main
+    # process checkpoint and stop (the DataLoader ends its workers itself, and they die with it).
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def dataloader_settings(num_workers: int, timeout_s: float = 0.0) -> dict[str, Any]:

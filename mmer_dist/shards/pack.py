@@ -15,16 +15,20 @@ how often the job was interrupted):
    and cut into shards of at most `shard_samples` samples and at most `shard_bytes` *planned*
    bytes. The planned size of a sample is the size of its source files on disk plus its
    transcript plus 3 KiB of tar headers and metadata: it is known before any transcoding, so the
-   plan (which sample goes in which shard) is fixed up front and every worker, array task or
-   resumed run computes the same plan. With the train profile the shards come out smaller than
-   `shard_bytes` (transcoded media is smaller than the source); with the raw profile they match
-   it closely. A shard is the unit of work.
+   plan (which sample goes in which shard) is fixed up front. With the train profile the shards
+   come out smaller than `shard_bytes` (transcoded media is smaller than the source); with the raw
+   profile they match it closely. A shard is the unit of work. The first task records the plan in
+   `plan.json` (keys and planned sizes per shard, with a digest); every other task, resumed run and
+   merge must compute the same one, or is refused with the differences named. After planning a
+   task keeps only the plan and the Utterance objects of its own shards.
 3. Write (mmer_dist/shards/writer.py): each shard (one worker process writes whole shards) goes to `.NAME.tmpPID`, is
    fsynced and renamed into place; then the byte offset and size of every member is read back
    with `tarfile` and `NAME.stats.json` is written atomically, last. A shard is complete iff its
    stats file exists (and its tar, unless every sample of it was skipped: then no tar is written).
-4. Merge: once every planned shard is complete, the stats are merged into `index.json`
-   (`ShardIndex`) and `skipped.json` (reader report + media failures, by reason, with names).
+4. Merge: once every planned shard is complete, each shard's stats are checked against the plan
+   (the keys it holds plus the ones it dropped are exactly its planned keys, in order) and merged
+   into `index.json` (`ShardIndex`) and `skipped.json` (reader report + media failures, by reason,
+   with names). The folder is listed once per phase, so 10^4-10^5 shards cost O(shards).
 
 Resume: run the same command again. Complete shards are kept, temp files and tars without stats
 are deleted and redone. `pack.json` holds the arguments and reader options (and their hash); an
@@ -37,7 +41,9 @@ is counted by reason in `skipped.json` and the final summary; the exit code is 0
 
 Job arrays (Slurm): `--task-id t --num-tasks T` (default $SLURM_ARRAY_TASK_ID / _COUNT) writes
 only the planned shards i with i % T == t; the task that finds every shard complete merges, and
-`--merge-only` merges as a separate (dependent) job. See slurm/pack.sbatch.
+`--merge-only` merges as a separate (dependent) job. With an explicit `--num-tasks T` the task id
+defaults to $SLURM_ARRAY_TASK_ID itself, so one task can be resubmitted alone
+(`sbatch --array=1 slurm/pack.sbatch ... --num-tasks 4`). See slurm/pack.sbatch.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -58,14 +65,20 @@ from typing import Any
 
 from mmer_dist.corpora import read_corpus
 from mmer_dist.corpora.labels import labels_for
-from mmer_dist.corpora.record import GROUP_UNITS, ReadReport
+from mmer_dist.corpora.record import ReadReport
 from mmer_dist.jsonio import read_json
 from mmer_dist.shards import media
 from mmer_dist.shards.location import local_output
-from mmer_dist.shards.merge import merge_stats, record_diff, split_lines, write_index
-from mmer_dist.shards.plan import PackConfig, PackError, ShardJob, parse_bytes, plan_shards, reader_options_for
-from mmer_dist.shards.schema import INDEX_FILE, PACK_FILE, SKIPPED_FILE, ShardIndex, write_json_atomic
-from mmer_dist.shards.writer import ShardOutcome, WriteSpec, is_complete, write_shard
+from mmer_dist.shards.merge import merge_pack, record_diff, split_lines
+from mmer_dist.shards.plan import (
+    PackConfig, PackError, Plan, ShardJob, parse_bytes, plan_shards, reader_options_for, record_plan,
+)
+from mmer_dist.shards.schema import (
+    INDEX_FILE, PACK_FILE, PLAN_FILE, SAMPLES_DIR, SKIPPED_FILE, ShardIndex, write_json_atomic,
+)
+from mmer_dist.shards.writer import (
+    ShardOutcome, WriteSpec, complete_shards, list_folder, remove_leftovers, write_shard,
+)
 
 
 # --------------------------------------------------------------------------- worker processes
@@ -126,38 +139,6 @@ def write_shard_in_worker(job: ShardJob, spec: WriteSpec) -> ShardOutcome:
     return write_shard(job, spec, progress=_QUEUE.put)
 
 
-# --------------------------------------------------------------------------- merge
-
-
-def merge(out: str | Path, jobs: list[ShardJob], cfg: PackConfig, report: ReadReport) -> ShardIndex:
-    """Merge the stats of every planned shard into index.json and skipped.json (atomically)."""
-    out = Path(out)
-    missing = [j.name for j in jobs if not is_complete(out, j.name)]
-    if missing:
-        raise PackError(
-            f"{len(missing)} of {len(jobs)} planned shards in {out} are not complete yet "
-            f"(first: {', '.join(missing[:5])}); run the pack again with the same arguments (or let the "
-            f"remaining array tasks finish) before --merge-only")
-    labels = list(labels_for(cfg.corpus))
-    merged = merge_stats(out, [(j.split, j.name) for j in jobs], labels)
-    media_skipped, media_degraded = merged.dropped, merged.degraded
-    index = merged.index(cfg.corpus, cfg.profile, GROUP_UNITS.get(cfg.corpus, "utterance"),
-                         extra={"pack_hash": cfg.digest(), "sample_rate": cfg.sample_rate,
-                                "video_size": cfg.video_size, "video_fps": cfg.video_fps})
-    rd = report.to_dict()
-    dropped = Counter(rd["skipped"]) + media_skipped
-    degraded = Counter(rd["degraded"]) + media_degraded
-    write_json_atomic(out / SKIPPED_FILE, {
-        "dropped": dict(sorted(dropped.items())), "degraded": dict(sorted(degraded.items())),
-        "total_dropped": sum(dropped.values()), "total_degraded": sum(degraded.values()),
-        "reader": rd,
-        "media": {"dropped": dict(sorted(media_skipped.items())), "degraded": dict(sorted(media_degraded.items())),
-                  "files": merged.files},
-    })
-    write_index(out, index, merged.samples)        # index.json last: the folder is complete
-    return index
-
-
 # --------------------------------------------------------------------------- the pack
 
 
@@ -183,7 +164,7 @@ class PackResult:
 def _check_out(out: Path, cfg: PackConfig, overwrite: bool, num_tasks: int) -> None:
     """Create `out`, or accept it when made with the same config; refuse otherwise."""
     pack_file = out / PACK_FILE
-    ours = lambda p: p.name in (INDEX_FILE, PACK_FILE, SKIPPED_FILE) or p.name.endswith(".samples.npy") or (  # noqa: E731
+    ours = lambda p: p.name in (INDEX_FILE, PACK_FILE, PLAN_FILE, SKIPPED_FILE, SAMPLES_DIR) or (  # noqa: E731
         p.name.lstrip(".").startswith(f"{cfg.corpus}-") and (".tar" in p.name or ".stats.json" in p.name))
     if out.exists() and not out.is_dir():
         raise PackError(f"--out {out} exists and is not a folder; choose another path")
@@ -207,7 +188,7 @@ def _check_out(out: Path, cfg: PackConfig, overwrite: bool, num_tasks: int) -> N
                                 "shards); clear the folder once, then start the array")
             for p in existing:
                 if ours(p):
-                    p.unlink()
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
     out.mkdir(parents=True, exist_ok=True)
     record = {"config": cfg.to_json(), "hash": cfg.digest(),
               "versions": {"av": media.av.__version__, "libavcodec": list(media.av.library_versions["libavcodec"]),
@@ -217,10 +198,15 @@ def _check_out(out: Path, cfg: PackConfig, overwrite: bool, num_tasks: int) -> N
 
 
 def _task_from_env(task_id: int | None, num_tasks: int | None) -> tuple[int, int]:
+    """(task id, number of tasks): the flags, else the job array's. The task id is the array index minus
+    the array's first index, or, when --num-tasks is given, the array index itself (so that
+    `sbatch --array=1 ... --num-tasks 4` redoes task 1 of 4 alone)."""
+    env = os.environ.get("SLURM_ARRAY_TASK_ID")
+    if task_id is None and env is not None and num_tasks is not None:
+        task_id = int(env)
     if num_tasks is None:
         num_tasks = int(os.environ.get("SLURM_ARRAY_TASK_COUNT", "1") or 1)
     if task_id is None:
-        env = os.environ.get("SLURM_ARRAY_TASK_ID")
         if env is not None and num_tasks > 1:
             task_id = int(env) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0") or 0)
         else:
@@ -239,74 +225,98 @@ def pack(corpus: str, root: str | Path, out: str | Path, *, profile: str = "trai
     """Pack `corpus` at `root` into shards in `out` (see the module docstring). Resumable."""
     t0 = time.perf_counter()
     out = local_output(out)             # a URL is refused with the one-line upload (mmer_dist.shards.location)
-    timings: dict[str, float] = {}
     task_id, num_tasks = _task_from_env(task_id, num_tasks)
     split_t = tuple(splits or ())
     cfg = PackConfig(corpus=corpus, root=str(Path(root).resolve()), profile=profile, shard_samples=shard_samples,
                      shard_bytes=parse_bytes(shard_bytes), seed=seed, splits=split_t, video_size=video_size,
                      video_fps=float(video_fps), video_crf=video_crf, missing_media=missing_media,
                      reader_options=reader_options_for(corpus, split_t, missing_media, reader_options))
-    utterances, report = read_corpus(corpus, cfg.root, **cfg.reader_options)
-    timings["read"] = time.perf_counter() - t0
-    if split_t:
-        unknown = sorted(set(split_t) - {u.split for u in utterances})
-        if unknown:
-            raise PackError(f"--splits {','.join(split_t)}: no utterances in split(s) {unknown}; "
-                            f"present: {sorted({u.split for u in utterances})}")
-        utterances = [u for u in utterances if u.split in split_t]
-    jobs = plan_shards(utterances, corpus, cfg.seed, cfg.shard_samples, cfg.shard_bytes)
-    timings["plan"] = time.perf_counter() - t0 - timings["read"]
-    lock = None
-    if merge_only:
-        if not (out / PACK_FILE).exists():
-            raise PackError(f"--merge-only: {out} has no {PACK_FILE}; run the pack first")
-        _check_out(out, cfg, overwrite=False, num_tasks=num_tasks)
-    else:
-        if out.exists() and not out.is_dir():
-            raise PackError(f"--out {out} exists and is not a folder; choose another path")
-        out.mkdir(parents=True, exist_ok=True)
-        lock = _TaskLock(out, task_id, num_tasks)      # before --overwrite may delete anything
-        try:
-            _check_out(out, cfg, overwrite, num_tasks)
-        except BaseException:
-            lock.release()
-            raise
+    plan, mine, report, timings = _read_and_plan(cfg, None if merge_only else (task_id, num_tasks))
+    lock = _open_out(out, cfg, plan, merge_only, overwrite, task_id, num_tasks)
     spec = WriteSpec(out=str(out), root=cfg.root, corpus=corpus, labels=labels_for(corpus), profile=profile,
                       video_size=cfg.video_size, video_fps=cfg.video_fps, video_crf=cfg.video_crf,
                       sample_rate=cfg.sample_rate, missing_media=missing_media)
-
-    mine = [j for j in jobs if j.index % num_tasks == task_id] if not merge_only else []
+    t_write = time.perf_counter()
     try:
-        resumed = [j for j in mine if is_complete(out, j.name)]
-        t_write = time.perf_counter()
-        todo = [j for j in mine if not is_complete(out, j.name)]
+        listing = list_folder(out)                    # once: no stat or glob per shard
+        done = complete_shards(out, [j.name for j in mine], listing)
+        remove_leftovers(out, [j.name for j in mine], listing)   # temp files of killed runs (our shards only)
+        resumed = [j for j in mine if j.name in done]
+        todo = [j for j in mine if j.name not in done]
         outcomes = _run(todo, spec, workers, progress, total=sum(len(j.utterances) for j in mine),
                         done=sum(len(j.utterances) for j in resumed), desc=f"pack {corpus} {profile}")
     finally:
         if lock is not None:
             lock.release()
-
     timings["write"] = time.perf_counter() - t_write
     t_merge = time.perf_counter()
     index = None
-    if merge_only or all(is_complete(out, j.name) for j in jobs):   # merge_only: PackError when incomplete
-        index = merge(out, jobs, cfg, report)
-    dropped = Counter(report.skipped)
-    degraded = Counter(report.degraded)
-    for o in outcomes:
-        for s in o.skipped:
-            (dropped if s["dropped"] else degraded)[s["reason"]] += 1
+    names = [s.name for s in plan.shards]
+    if merge_only or len(complete_shards(out, names, list_folder(out))) == len(names):
+        index = merge_pack(out, plan, cfg, report)    # merge_only: PackError when incomplete
+    dropped, degraded = _counts(out, report, outcomes, merged=index is not None)
     timings["merge"] = time.perf_counter() - t_merge
-    if index is not None:
-        sk = read_json(out / SKIPPED_FILE, fix="re-run the same `mmer-dist pack` command: it is merged again")
-        dropped, degraded = Counter(sk["dropped"]), Counter(sk["degraded"])
     return PackResult(
-        out=out, config=cfg, planned_shards=len(jobs), written=[o.name for o in outcomes if not o.error],
+        out=out, config=cfg, planned_shards=len(plan.shards), written=[o.name for o in outcomes if not o.error],
         resumed=[j.name for j in resumed], failed={o.name: o.error for o in outcomes if o.error}, index=index,
         dropped=dict(dropped), degraded=dict(degraded), samples_written=sum(o.samples for o in outcomes),
         seconds=time.perf_counter() - t0, timings={k: round(v, 4) for k, v in timings.items()},
         peak_rss_mb=max([o.peak_rss_mb for o in outcomes] or [0.0]),
     )
+
+
+def _read_and_plan(cfg: PackConfig, task: tuple[int, int] | None
+                   ) -> tuple[Plan, list[ShardJob], ReadReport, dict[str, float]]:
+    """Read the corpus and plan it: (the whole plan, the ShardJobs of task (t, T) -- none for a merge --,
+    the reader's report, timings). Only this task's Utterance objects outlive this function."""
+    t0 = time.perf_counter()
+    utterances, report = read_corpus(cfg.corpus, cfg.root, **cfg.reader_options)
+    timings = {"read": time.perf_counter() - t0}
+    if cfg.splits:
+        unknown = sorted(set(cfg.splits) - {u.split for u in utterances})
+        if unknown:
+            raise PackError(f"--splits {','.join(cfg.splits)}: no utterances in split(s) {unknown}; "
+                            f"present: {sorted({u.split for u in utterances})}")
+        utterances = [u for u in utterances if u.split in cfg.splits]
+    jobs = plan_shards(utterances, cfg.corpus, cfg.seed, cfg.shard_samples, cfg.shard_bytes)
+    plan = Plan.from_jobs(cfg.digest(), jobs)
+    mine = [j for j in jobs if task is not None and j.index % task[1] == task[0]]
+    timings["plan"] = time.perf_counter() - t0 - timings["read"]
+    return plan, mine, report, timings
+
+
+def _open_out(out: Path, cfg: PackConfig, plan: Plan, merge_only: bool, overwrite: bool, task_id: int,
+              num_tasks: int) -> _TaskLock | None:
+    """Check (or create) the output folder and the recorded plan; the task's lock (None for a merge)."""
+    if merge_only:
+        if not (out / PACK_FILE).exists():
+            raise PackError(f"--merge-only: {out} has no {PACK_FILE}; run the pack first")
+        _check_out(out, cfg, overwrite=False, num_tasks=num_tasks)
+        record_plan(out, plan, cfg.root)
+        return None
+    if out.exists() and not out.is_dir():
+        raise PackError(f"--out {out} exists and is not a folder; choose another path")
+    out.mkdir(parents=True, exist_ok=True)
+    lock = _TaskLock(out, task_id, num_tasks)      # before --overwrite may delete anything
+    try:
+        _check_out(out, cfg, overwrite, num_tasks)
+        record_plan(out, plan, cfg.root)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _counts(out: Path, report: ReadReport, outcomes: list[ShardOutcome], merged: bool) -> tuple[Counter, Counter]:
+    """(dropped, degraded) by reason: the whole pack's from skipped.json after a merge, else this task's."""
+    if merged:
+        sk = read_json(out / SKIPPED_FILE, fix="re-run the same `mmer-dist pack` command: it is merged again")
+        return Counter(sk["dropped"]), Counter(sk["degraded"])
+    dropped, degraded = Counter(report.skipped), Counter(report.degraded)
+    for o in outcomes:
+        for s in o.skipped:
+            (dropped if s["dropped"] else degraded)[s["reason"]] += 1
+    return dropped, degraded
 
 
 def _run(jobs: list[ShardJob], spec: WriteSpec, workers: int, progress: bool, total: int, done: int,

@@ -12,6 +12,8 @@ A shards folder holds, per split, WebDataset tars and their index:
                                            SAMPLE_DTYPE (shard, byte range, label, speaker, group,
                                            duration), one row per sample, memory-mapped by every reader
     pack.json                              the packing arguments (a different config is refused)
+    plan.json                              which sample goes in which shard, with its digest: written
+                                           once by the first task; every task and the merge check it
     skipped.json                           inputs skipped or degraded, by reason, with names
 
 Members of one sample (a modality the utterance lacks is absent, never empty):
@@ -64,6 +66,7 @@ TAR_BLOCK = 512
 
 INDEX_FILE = "index.json"
 PACK_FILE = "pack.json"
+PLAN_FILE = "plan.json"
 SKIPPED_FILE = "skipped.json"
 
 META_EXT = "json"
@@ -113,6 +116,8 @@ class ShardStats:
     duration: float
     skipped: list[dict[str, Any]] = field(default_factory=list)   # inputs dropped/degraded while packing:
                                        # {key, reason, path, modalities, dropped, detail}
+    sha256: str = ""                   # of the tar's bytes, computed while writing it ("" = packed before
+                                       # checksums were recorded, or no tar); `mmer-dist verify` checks it
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -4,11 +4,12 @@
     outcome = write_shard(job, spec)          # never raises; outcome.error says what went wrong
     assert outcome.error or is_complete(Path(spec.out), job.name)
 
-A shard goes to `.NAME.tmpPID`, is fsynced and renamed into place; then the byte offset and size of
-every member is read back (`member_offsets`) and `NAME.stats.json` is written atomically, last
-(`write_tar` then `write_stats`: the protocol both pack and embed follow). A
-shard is complete iff its stats file exists (and its tar, unless every sample of it was skipped:
-then no tar is written). `remove_leftovers` clears a half-written shard before it is redone.
+A shard goes to `.NAME.tmpPID`, is fsynced and renamed into place (its sha256 computed on the way
+out); then the byte offset and size of every member is read back (`member_offsets`) and
+`NAME.stats.json` is written atomically, last (`write_tar` then `write_stats`: the protocol both pack
+and embed follow). A shard is complete iff its stats file exists (and its tar, unless every sample of
+it was skipped: then no tar is written). Folders of 10^4-10^5 shards: `list_folder` reads a folder
+once, `complete_shards` and `remove_leftovers` work from that one listing (no glob or stat per shard).
 `TarSampleWriter` writes the same bytes as webdataset's TarWriter without importing torch.
 
 Bad media never raise: `_build_sample` counts every failure by reason (kept without the modality or
@@ -17,6 +18,7 @@ dropped, per `missing_media`) into the shard's stats.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -166,12 +168,35 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def remove_leftovers(out: Path, name: str) -> None:
-    """Delete a shard's temp files and its tar (the caller knows it has no stats)."""
-    base = name[: -len(".tar")]
-    for p in out.glob(f".{base}.*"):
-        p.unlink(missing_ok=True)
-    (out / name).unlink(missing_ok=True)
+def list_folder(out: Path) -> set[str]:
+    """The names in `out`, read once (empty when it does not exist)."""
+    try:
+        with os.scandir(out) as it:
+            return {e.name for e in it}
+    except FileNotFoundError:
+        return set()
+
+
+def remove_leftovers(out: Path, names: Iterable[str], listing: set[str]) -> int:
+    """Delete the temp files (`.NAME.tmpPID`, `.NAME.stats.json.tmpPID`) that killed runs left for the
+    shards `names`, found in one `listing` of `out`; returns how many. The caller owns these shards
+    (no other process writes them), so nothing live is deleted."""
+    bases = {n[: -len(".tar")] for n in names}
+    gone = 0
+    for entry in listing:
+        if entry.startswith(".") and ".tmp" in entry and entry[1:].split(".", 1)[0] in bases:
+            (out / entry).unlink(missing_ok=True)
+            gone += 1
+    return gone
+
+
+def complete_shards(out: Path, names: Iterable[str], listing: set[str]) -> set[str]:
+    """The shards of `names` that are complete (see `is_complete`), from one `listing` of `out`."""
+    done = set()
+    for name in names:
+        if stats_name(name) in listing and (name in listing or _has_no_samples(out, name)):
+            done.add(name)
+    return done
 
 
 def member_offsets(tar_path: Path) -> dict[str, dict[str, list[int]]]:
@@ -207,16 +232,30 @@ class TarSampleWriter:
         self.tar.close()
 
 
-def write_tar(out: Path, name: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> tuple[dict[str, dict[str, list[int]]], int]:
-    """Tar (key, members) samples to `.NAME.tmpPID`, fsync, rename to `out/name`: (member offsets, bytes).
+class _HashingFile:
+    """A write-only file that hashes what goes through it (tarfile's stream mode only calls write)."""
 
-    No sample: no tar is left, ({}, 0) -- the stats file alone then marks the shard done.
+    def __init__(self, f: Any) -> None:
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+
+def write_tar(out: Path, name: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> tuple[dict[str, dict[str, list[int]]], int, str]:
+    """Tar (key, members) samples to `.NAME.tmpPID`, fsync, rename over `out/name`:
+    (member offsets, bytes, sha256 of the bytes).
+
+    No sample: no tar is left (a stale one is deleted), ({}, 0, "") -- the stats file alone then
+    marks the shard done.
     """
-    remove_leftovers(out, name)
     tmp = out / f".{name}.tmp{os.getpid()}"
+    final = out / name
     n = 0
     with open(tmp, "wb") as f:
-        writer = TarSampleWriter(f)
+        hashed = _HashingFile(f)
+        writer = TarSampleWriter(hashed)
         for key, members in samples:
             writer.write(key, members)
             n += 1
@@ -225,11 +264,11 @@ def write_tar(out: Path, name: str, samples: Iterable[tuple[str, dict[str, bytes
         os.fsync(f.fileno())
     if not n:
         tmp.unlink()
-        return {}, 0
-    final = out / name
-    os.replace(tmp, final)
+        final.unlink(missing_ok=True)
+        return {}, 0, ""
+    os.replace(tmp, final)            # over a stale tar of a killed run, atomically
     fsync_dir(out)
-    return member_offsets(final), final.stat().st_size
+    return member_offsets(final), final.stat().st_size, hashed.sha.hexdigest()
 
 
 def write_stats(out: Path, stats: ShardStats) -> None:
@@ -268,7 +307,7 @@ def write_shard(job: ShardJob, spec: WriteSpec, progress: Callable[[int], None] 
                 if progress is not None:
                     progress(1)
 
-        offsets, size = write_tar(out, job.name, built())
+        offsets, size, sha256 = write_tar(out, job.name, built())
         stats = ShardStats(
             shard=job.name, split=job.split,
             samples=[SampleEntry(u.key, u.label_id, offsets[u.key], round(a, 6), u.speaker, u.group) for u, a in entries],
@@ -277,6 +316,7 @@ def write_shard(job: ShardJob, spec: WriteSpec, progress: Callable[[int], None] 
             modalities={k: modalities[k] for k in ("text", "audio", "video") if modalities[k]},
             duration=round(duration, 6),
             skipped=outcome.skipped,
+            sha256=sha256,
         )
         write_stats(out, stats)
         outcome.samples = len(entries)
@@ -304,9 +344,12 @@ def is_complete(out: Path, name: str) -> bool:
     stats = out / stats_name(name)
     if not stats.exists():
         return False
-    if (out / name).exists():
-        return True
+    return (out / name).exists() or _has_no_samples(out, name)
+
+
+def _has_no_samples(out: Path, name: str) -> bool:
+    """True when the stats of `name` say every sample was skipped (then no tar is expected)."""
     try:
-        return not json.loads(stats.read_text(encoding="utf-8"))["samples"]
+        return not json.loads((out / stats_name(name)).read_text(encoding="utf-8"))["samples"]
     except (OSError, ValueError, KeyError):
         return False

@@ -1,4 +1,4 @@
-"""Ctrl-C on a real training process (a checkpoint at the next step and a clean exit; a second Ctrl-C aborts
+"""Ctrl-C and a step-wide SIGTERM on a real training process (a checkpoint at the next step and a clean exit; a second Ctrl-C aborts
 at once with 130), and what a run imports: no DeepSpeed unless it uses DeepSpeed, nothing heavy for
 `--help`. Rows of docs/faults.md."""
 
@@ -48,6 +48,10 @@ class Training:
         """Ctrl-C in a terminal: SIGINT to the whole group, the DataLoader workers too."""
         os.killpg(self.proc.pid, signal.SIGINT)
 
+    def terminate(self) -> None:
+        """What srun does to a job step (a preemption, `scancel --signal=TERM`): SIGTERM to every process of it."""
+        os.killpg(self.proc.pid, signal.SIGTERM)
+
     def finish(self) -> int:
         rc = self.proc.wait(timeout=300)
         time.sleep(0.2)                        # let the reader drain the pipe
@@ -82,6 +86,19 @@ def test_ctrl_c_checkpoints_at_the_next_step_and_a_second_one_aborts(synth_meld_
     assert "second interrupt: aborting now without a checkpoint" in second.out and "Traceback" not in second.out
     assert ckpt in complete_checkpoints(run)              # the first stop's checkpoint is intact: resume from it
     assert json.loads((run / "resumes.jsonl").read_text())["step"] == step
+
+
+def test_sigterm_to_every_process_checkpoints_with_loader_workers(synth_meld_shards, tmp_path):
+    """The DataLoader workers get the step-wide SIGTERM too: they ignore it, the main process checkpoints."""
+    run = tmp_path / "run"
+    job = Training([*ARGS, "--shards", str(synth_meld_shards), "--out", str(run)])
+    job.wait_for(lambda: len(_steps(run)) >= 2, "two logged steps")
+    job.terminate()
+    assert job.finish() == 0, job.out
+    (ckpt,) = complete_checkpoints(run)
+    step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    assert f"SIGTERM received: checkpoint saved at step {step}" in job.out, job.out[-3000:]
+    assert "killed by signal" not in job.out and "Traceback" not in job.out
 
 
 def test_train_eval_and_predict_without_deepspeed_never_import_it(synth_meld_shards, tmp_path):

@@ -43,6 +43,9 @@ def test_export_slurm_env():
     env = {"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "h[1-2]"}
     dist.export_slurm_env(env)
     assert env["RANK"] == "2" and env["WORLD_SIZE"] == "4" and env["MASTER_ADDR"] == "h1"
+    single = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "h1"}
+    dist.export_slurm_env(single)
+    assert "MASTER_PORT" not in single and "RANK" not in single
 
 
 def test_backend_choice():
