@@ -9,8 +9,10 @@ output already exists is not run again, so an interrupted run continues where it
     .venv/bin/python benchmarks/real_data.py --out /tmp/mmer-real --only meld-ce,meld-sqrt
     .venv/bin/python benchmarks/real_data.py --out /tmp/mmer-real --list           # the steps and commands
 
-Steps: pack-meld, meld-ce, meld-sqrt, meld-cb (+ optional meld-focal, meld-inverse, meld-*-3ep), meld-compare, pack-ravdess, ravdess-audio,
-pack-originals, synth-ravdess, synth-train, predict-originals. Training uses `torchrun
+Steps: pack-meld, meld-ce, meld-sqrt, meld-cb (+ optional meld-focal, meld-inverse, meld-*-3ep), meld-compare, the
+seeds (meld-*-seed1/2), their ensembles and meld-seeds-compare (paired bootstrap), pack-ravdess, ravdess-audio,
+pack-ravdess-all, ravdess-folds (a 5-fold sweep) and its summary, pack-originals, synth-ravdess, synth-train,
+predict-originals (`--list` prints them all). Training uses `torchrun
 --nproc_per_node 2` with one thread per process (measured ~4.5x faster than one process with two
 threads on the shared 2-core machine). The real data is read from ../shared/data (--data).
 """
@@ -45,6 +47,8 @@ class Step:
     """metrics.json (relative to --out) to report after the step."""
     env: dict[str, str] = field(default_factory=dict)
     shell_note: str = ""
+    json_output: bool = False
+    """The command prints one JSON object (from its first line that starts with "{"): reported as "output"."""
 
 
 def mmer(*args: str) -> list[str]:
@@ -122,12 +126,20 @@ def steps(out: Path, data: Path, nproc: int) -> list[Step]:
         s += train_and_eval(name, "ravdess_audio", shards, extra, "test")
     # Speaker-independent folds chosen at training time: every actor packed into "all", 5 folds of 4 actors,
     # dev = the 2 actors before the test fold; each clip is tested once, by the fold holding its actor out.
-    rav_all = f"{o}/shards/ravdess-all"
+    # One `mmer-dist sweep` (seed 0 x folds 0-4), then its summary: mean, std, 95% CI and the pooled figure.
+    rav_all, folds = f"{o}/shards/ravdess-all", f"{o}/runs/ravdess-folds"
     s.append(Step("pack-ravdess-all", mmer("pack", "ravdess", "--root", str(data / "ravdess"), "--out", rav_all,
                                            "--split", "none"), "shards/ravdess-all/index.json"))
-    for k in range(5):
-        s += train_and_eval(f"ravdess-fold{k}", "ravdess_audio", rav_all,
-                            ["data.folds=5", f"data.fold={k}", "data.dev_speakers=2"], "test")
+    launcher = shlex.join([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)])
+    s.append(Step("ravdess-folds", mmer("sweep", "--config", "ravdess_audio", "--shards", rav_all, "--out", folds,
+                                        "--seeds", "0", "--folds", "all", "--launcher", launcher,
+                                        "data.folds=5", "data.dev_speakers=2"),
+                  "runs/ravdess-folds/fold4_seed0/eval-test/metrics.json", env=one))
+    s.append(Step("ravdess-folds-summary", mmer("summarize", folds, "--split", "test", "--json"), "",
+                  json_output=True))
+    # MELD: the weighted sampler's gain over the baseline, 3 seeds a side, dialogues resampled
+    sides = [",".join(f"{o}/runs/{base}{suffix}" for suffix in seeds) for base in ("meld-sqrt", "meld-ce")]
+    s.append(Step("meld-seeds-compare", mmer("compare", *sides, "--split", "dev", "--json"), "", json_output=True))
     # The originals: one actor, so it is its own test split; the train profile transcodes 48 kHz (one
     # stereo) wavs to mono 16 kHz FLAC and the 720p mp4s to the training video profile.
     s.append(Step("pack-originals", mmer("pack", "ravdess", "--root", str(data / "ravdess-original"), "--out", orig,
@@ -178,6 +190,10 @@ def run_step(step: Step, out: Path, env_info: dict[str, Any]) -> dict[str, Any]:
     if (step.name.startswith("predict") or step.name == "originals-decode") and proc.returncode == 0:
         lines = [ln for ln in log.read_text().splitlines() if ln.startswith("{")]
         record["output"] = json.loads(lines[-1]) if lines else None
+    if step.json_output and proc.returncode == 0:
+        text = log.read_text()
+        start = text.find("\n{") + 1 if not text.startswith("{") else 0
+        record["output"] = json.loads(text[start:])
     if step.metrics and (out / step.metrics).exists():
         m = json.loads((out / step.metrics).read_text())
         record["metrics"] = {k: m[k] for k in ("macro_f1", "weighted_f1", "accuracy", "uar") if k in m}

@@ -3,6 +3,7 @@
     mmer-dist compare RUN_A/eval-test RUN_B/eval-test          # the table, then A - B with its 95% CI and p
     mmer-dist compare RUN_A RUN_B --split test --json           # the paired bootstrap as one JSON object
     mmer-dist compare SWEEP_A SWEEP_B                           # two sweeps (see below)
+    mmer-dist compare A_SEED0,A_SEED1,A_SEED2 B_SEED0,B_SEED1,B_SEED2 --split dev   # runs listed by hand
     mmer-dist compare R1 R2 R3 [--out DIR]                      # more than two: the table (compare.json/png)
 
 The table (mmer_dist.report.compare_runs) shows each column's split and sample count and refuses
@@ -16,8 +17,9 @@ With --json it prints {"metric": "macro_f1", "a", "b", "difference", "ci95": [lo
 Two sweeps: every run of each side on the same resampled units, the statistic being A's mean
 Macro-F1 over its runs minus B's (the expected gain of a single run: no seed pairing needed, and the
 same as pairing run by run when the seeds match). A fold sweep's runs of one seed are pooled first,
-so each side's sets cover every sample once. The interval is over evaluation samples for these
-trained runs; the spread over seeds is `mmer-dist summarize`'s.
+so each side's sets cover every sample once. A side may also be run (or eval) folders joined by
+commas: the seeds of one configuration trained outside a sweep, compared the same way. The interval
+is over evaluation samples for these trained runs; the spread over seeds is `mmer-dist summarize`'s.
 """
 
 from __future__ import annotations
@@ -35,6 +37,19 @@ if TYPE_CHECKING:
 
 def is_sweep(path: str | Path) -> bool:
     return (Path(path) / "sweep.json").is_file()
+
+
+def run_list(arg: str | Path) -> list[Path]:
+    """The folders of a side given as `R1,R2,...` (several runs of one configuration); [] for one path."""
+    text = str(arg)
+    if "," not in text or Path(text).exists():
+        return []
+    return [Path(p) for p in text.split(",") if p]
+
+
+def is_several(arg: str | Path) -> bool:
+    """A side that holds several runs (a sweep or a comma list): no side-by-side table, only the test."""
+    return is_sweep(arg) or bool(run_list(arg))
 
 
 def _sweep_sets(sweep: Path, split: str | None) -> tuple[list["Predictions"], str]:
@@ -66,6 +81,12 @@ def side_sets(arg: str | Path, split: str | None) -> tuple[list["Predictions"], 
     path = Path(arg)
     if is_sweep(path):
         return _sweep_sets(path, split)
+    if run_list(arg):
+        sides = [side_sets(p, split) for p in run_list(arg)]
+        splits = sorted({str(sp) for _, sp in sides})
+        if len(splits) > 1:
+            raise ValueError(f"the runs of {arg} are on different splits ({', '.join(splits)}): pass --split")
+        return [sets[0] for sets, _ in sides], sides[0][1]
     if split is not None and path.is_dir():
         where = evaluation_dir(path, split)
         if where is None:
@@ -115,7 +136,8 @@ def format_paired(r: dict[str, Any]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmer-dist compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", help="run folders, eval folders, metrics.json files; or two sweep folders")
+    p.add_argument("runs", nargs="+", help="run folders, eval folders, metrics.json files; or two sides, each a "
+                                           "sweep folder or run folders joined by commas (R1,R2,R3)")
     p.add_argument("--out", default="", help="folder for compare.json and compare.png of the table (default: none)")
     p.add_argument("--split", choices=["dev", "test"], default=None,
                    help="which evaluation of a run or sweep folder to use (default: a run's own metrics.json; "
@@ -137,9 +159,9 @@ def _table_args(args: argparse.Namespace) -> list[str]:
 
 
 def _usage_problem(args: argparse.Namespace) -> str:
-    sweeps = [r for r in args.runs if is_sweep(r)]
-    if sweeps and len(args.runs) != 2:
-        return f"a sweep ({sweeps[0]}) compares with exactly one other run or sweep"
+    several = [r for r in args.runs if is_several(r)]
+    if several and len(args.runs) != 2:
+        return f"a sweep or a list of runs ({several[0]}) compares with exactly one other run, sweep or list"
     if args.json and len(args.runs) != 2:
         return "--json prints the paired bootstrap of exactly two runs or sweeps"
     return ""
@@ -168,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"mmer-dist compare: error: {problem}", file=sys.stderr)
         return 2
-    table = not args.json and not any(is_sweep(r) for r in args.runs)
+    table = not args.json and not any(is_several(r) for r in args.runs)
     if table:
         rc = report.main([*_table_args(args), *(["--out", args.out] if args.out else []),
                           *(["--allow-mixed"] if args.allow_mixed else [])])

@@ -4,34 +4,19 @@ resumed on 1 or on 3 draws exactly the samples of the uninterrupted 2-rank epoch
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import make_samples, write_shards
+from helpers import make_samples, run_env, torchrun, write_shards
 from mmer_dist.train.checkpoint import complete_checkpoints
 
 REPO = Path(__file__).resolve().parents[2]
 COMMON = ["--config", "debug", "data.modalities=[text,audio]", "model.fusion.dropout=0.0", "train.log_every=1",
           "optim.warmup_steps=1", "data.batch_size=2", "train.epochs=2", "train.checkpoint_every=4"]
-
-
-def _torchrun(nproc: int, args: list[str]) -> list[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
-            "-m", "mmer_dist.train", *args]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
 
 def _records(run: Path) -> list[dict]:
@@ -47,8 +32,8 @@ def test_skip_counts_are_summed_over_two_ranks(tmp_path):
     root = write_shards(tmp_path / "s", {"train": make_samples("train", 40, corrupt=(3, 17, 30)),
                                         "dev": make_samples("dev", 10, seed=1)}, per_shard=5)
     run = tmp_path / "run"
-    subprocess.run(_torchrun(2, [*COMMON, "--shards", str(root), "--out", str(run), "train.epochs=1",
-                                 "data.max_skip_fraction=0.5"]), check=True, env=_env(), cwd=REPO, timeout=600)
+    subprocess.run(torchrun(2, [*COMMON, "--shards", str(root), "--out", str(run), "train.epochs=1",
+                                 "data.max_skip_fraction=0.5"]), check=True, env=run_env(), cwd=REPO, timeout=600)
     metrics = json.loads((run / "metrics.json").read_text())
     # weighting none: one epoch is a permutation of the 40 samples over 2 ranks x 10 batches of 2 = all 40
     assert metrics["train_data"] == {"read": 40, "skipped": {"audio_corrupt": 3}, "degraded": {}}
@@ -61,10 +46,10 @@ def test_epoch_stopped_on_two_ranks_resumed_on_another_number_draws_the_same_sam
                                                                                      new_world):
     args = [*COMMON, "--shards", str(synth_meld_shards), "sampler.weighting=sqrt_inverse"]
     ref = tmp_path / "ref"
-    subprocess.run(_torchrun(2, [*args, "--out", str(ref)]), check=True, env=_env(), cwd=REPO, timeout=600)
+    subprocess.run(torchrun(2, [*args, "--out", str(ref)]), check=True, env=run_env(), cwd=REPO, timeout=600)
 
     run = tmp_path / "run"
-    proc = subprocess.Popen(_torchrun(2, [*args, "--out", str(run)]), env=_env(), cwd=REPO,
+    proc = subprocess.Popen(torchrun(2, [*args, "--out", str(run)]), env=run_env(), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -79,7 +64,7 @@ def test_epoch_stopped_on_two_ranks_resumed_on_another_number_draws_the_same_sam
     state = json.loads((complete_checkpoints(run)[-1] / "trainer_state.json").read_text())
     assert state["epoch"] == 0 and 0 < state["batches_in_epoch"], state        # stopped mid-epoch 0
 
-    subprocess.run(_torchrun(new_world, [*args, "--out", str(run), "resume=latest"]), check=True, env=_env(),
+    subprocess.run(torchrun(new_world, [*args, "--out", str(run), "resume=latest"]), check=True, env=run_env(),
                    cwd=REPO, timeout=900)
     got, want = _epoch_end(run, 0), _epoch_end(ref, 0)
     assert (got["samples"], got["digest"]) == (want["samples"], want["digest"])

@@ -5,7 +5,6 @@ loader worker ends the run in bounded time with its error named."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import socket
@@ -18,23 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import run_env, torchrun
 from mmer_dist.train.checkpoint import complete_checkpoints, resolve_resume
 
 REPO = Path(__file__).resolve().parents[2]
 COMMON = ["--config", "debug", "data.modalities=[text,audio]", "model.fusion.dropout=0.0", "model.text.dropout=0.0",
           "model.audio.dropout=0.0", "train.log_every=1", "optim.warmup_steps=2", "data.batch_size=4"]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-
-
-def _torchrun(nproc: int, args: list[str]) -> list[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
-            "-m", "mmer_dist.train", *args]
 
 
 def _children(pid: int) -> list[int]:
@@ -73,9 +61,9 @@ def test_ranks_die_with_their_launcher_then_resume_equals_uninterrupted(synth_me
     args = [*COMMON, "--shards", str(synth_meld_shards), "train.epochs=2", "train.checkpoint_every=2",
             "train.keep_checkpoints=10"]
     ref = tmp_path / "ref"
-    subprocess.run(_torchrun(2, [*args, "--out", str(ref)]), check=True, env=_env(), cwd=REPO, timeout=600)
+    subprocess.run(torchrun(2, [*args, "--out", str(ref)]), check=True, env=run_env(), cwd=REPO, timeout=600)
     run = tmp_path / "run"
-    launcher = subprocess.Popen(_torchrun(2, [*args, "--out", str(run)]), env=_env(), cwd=REPO,
+    launcher = subprocess.Popen(torchrun(2, [*args, "--out", str(run)]), env=run_env(), cwd=REPO,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for(lambda: complete_checkpoints(run) or launcher.poll() is not None)
     ranks = _children(launcher.pid)
@@ -84,7 +72,7 @@ def test_ranks_die_with_their_launcher_then_resume_equals_uninterrupted(synth_me
     launcher.wait()
     _wait_for(lambda: not any(_alive(r) for r in ranks), timeout=10)      # the ranks went with it
     assert not (run / "metrics.json").exists()
-    subprocess.run(_torchrun(2, [*args, "--out", str(run), "resume=latest"]), check=True, env=_env(), cwd=REPO,
+    subprocess.run(torchrun(2, [*args, "--out", str(run), "resume=latest"]), check=True, env=run_env(), cwd=REPO,
                    timeout=600)
     a, b = _weights(ref), _weights(run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -95,16 +83,16 @@ def test_a_second_train_on_a_running_folder_is_refused_and_the_first_unharmed(sy
     run = tmp_path / "run"
     args = [sys.executable, "-m", "mmer_dist.train", *COMMON, "--shards", str(synth_meld_shards), "--out", str(run),
             "train.epochs=3"]
-    first = subprocess.Popen(args, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(args, env=run_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: (run / "log.jsonl").exists() or first.poll() is not None)
-    second = subprocess.run([*args, "resume=latest"], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    second = subprocess.run([*args, "resume=latest"], env=run_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert second.returncode == 2
     assert f"pid {first.pid}" in second.stderr and "one run folder has one owner" in second.stderr
     _, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-2000:]
     assert json.loads((run / "metrics.json").read_text())["steps"] > 0
     # the lock went with its holder: the folder can be trained on again
-    assert subprocess.run([*args, "train.epochs=4", "resume=latest"], env=_env(), cwd=REPO, capture_output=True,
+    assert subprocess.run([*args, "train.epochs=4", "resume=latest"], env=run_env(), cwd=REPO, capture_output=True,
                           timeout=600).returncode == 0
 
 
@@ -115,7 +103,7 @@ def test_kills_during_checkpoint_writes_never_leave_a_checkpoint_that_cannot_loa
             "train.epochs=4", "train.checkpoint_every=1", "train.keep_checkpoints=2"]
     rng = random.Random(0)
     for trial in range(4):
-        proc = subprocess.Popen([*args, *(["resume=latest"] if trial else [])], env=_env(), cwd=REPO,
+        proc = subprocess.Popen([*args, *(["resume=latest"] if trial else [])], env=run_env(), cwd=REPO,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_for(lambda: (run / "checkpoints").is_dir() or proc.poll() is not None)
         time.sleep(rng.uniform(0.0, 1.5))          # somewhere in the stream of checkpoint writes
@@ -126,7 +114,7 @@ def test_kills_during_checkpoint_writes_never_leave_a_checkpoint_that_cannot_loa
         assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "trainer_state.json"} <= {
             p.name for p in chosen.iterdir()}, sorted(p.name for p in chosen.iterdir())
         json.loads((chosen / "trainer_state.json").read_text())
-    assert subprocess.run([*args, "resume=latest"], env=_env(), cwd=REPO, capture_output=True,
+    assert subprocess.run([*args, "resume=latest"], env=run_env(), cwd=REPO, capture_output=True,
                           timeout=600).returncode == 0
 
 
@@ -167,7 +155,7 @@ def test_a_worker_that_raises_ends_the_run_with_its_error_on_every_rank(synth_me
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(port),
             str(script), *args] if world > 1 else [sys.executable, str(script), *args])
     t0 = time.time()
-    out = subprocess.run(cmd, env={**_env(), "PYTHONPATH": str(REPO)}, cwd=REPO, capture_output=True, text=True,
+    out = subprocess.run(cmd, env={**run_env(), "PYTHONPATH": str(REPO)}, cwd=REPO, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode != 0 and time.time() - t0 < 120
     assert "a data loader worker failed" in out.stderr and "injected worker fault" in out.stderr
@@ -180,7 +168,7 @@ def test_sigterm_during_a_stall_stops_within_seconds(synth_meld_shards, tmp_path
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, str(script), *COMMON, "--shards", str(synth_meld_shards), "--out", str(run),
                              "train.epochs=5", "data.num_workers=1", "train.checkpoint_every=2"],
-                            env={**_env(), "PYTHONPATH": str(REPO)}, cwd=REPO, stdout=subprocess.DEVNULL,
+                            env={**run_env(), "PYTHONPATH": str(REPO)}, cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: complete_checkpoints(run) or proc.poll() is not None)
     time.sleep(3)                                           # by now the worker sits in the injected stall

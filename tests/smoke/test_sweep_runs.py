@@ -16,18 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from helpers import run_env
+
 REPO = Path(__file__).resolve().parents[2]
 MAX_STEPS = 40
 TRAIN = ["data.modalities=[text,audio]", "model.fusion.dropout=0.0", f"train.max_steps={MAX_STEPS}",
          "train.checkpoint_every=5", "train.eval_every=20", "train.log_every=5", "optim.warmup_steps=2",
          "data.batch_size=8"]
-
-
-def _env() -> dict[str, str]:
-    # the worktree's mmer_dist wins over an installed one, in this process's children too
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONUNBUFFERED": "1"}
 
 
 def _mmer(*args: str) -> list[str]:
@@ -40,7 +35,7 @@ def ravdess_shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ravdess")
     for cmd in (_mmer("synth", "ravdess", "--out", str(root / "raw"), "--n", "96", "--no-video"),
                 _mmer("pack", "ravdess", "--root", str(root / "raw"), "--out", str(root / "shards"))):
-        subprocess.run(cmd, check=True, env=_env(), cwd=REPO, capture_output=True, timeout=300)
+        subprocess.run(cmd, check=True, env=run_env(), cwd=REPO, capture_output=True, timeout=300)
     return root / "shards"
 
 
@@ -87,7 +82,7 @@ def test_sweep_killed_and_rerun_finishes_the_rest(ravdess_shards, tmp_path):
     cmd = _mmer("sweep", "--config", "debug", "--shards", str(ravdess_shards), "--out", str(out), "--seeds", "0,1",
                 "--launcher", launcher, *TRAIN)
     with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=run_env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 400
         while not _interrupted(out / "seed1"):
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
@@ -107,7 +102,7 @@ def test_sweep_killed_and_rerun_finishes_the_rest(ravdess_shards, tmp_path):
     assert _processes_mentioning(str(out)) == []
     finished = {p: p.stat().st_mtime_ns for p in (out / "seed0" / "metrics.json", out / "seed0" / "eval-test" / "metrics.json")}
 
-    again = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(cmd, env=run_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "2 runs, 1 finished, 1 to run" in again.stdout
     assert "seed1: resuming from its checkpoints" in again.stdout and "resumed from" in again.stdout + again.stderr
@@ -120,7 +115,7 @@ def test_sweep_killed_and_rerun_finishes_the_rest(ravdess_shards, tmp_path):
     for seed in (0, 1):
         assert (out / f"seed{seed}" / "eval-test" / "predictions.jsonl").is_file()
 
-    summary = subprocess.run(_mmer("summarize", str(out), "--json"), env=_env(), cwd=REPO, capture_output=True,
+    summary = subprocess.run(_mmer("summarize", str(out), "--json"), env=run_env(), cwd=REPO, capture_output=True,
                              text=True, timeout=120)
     assert summary.returncode == 0, summary.stderr
     s = json.loads((out / "summary.json").read_text())
@@ -134,7 +129,7 @@ def test_sweep_killed_and_rerun_finishes_the_rest(ravdess_shards, tmp_path):
 
     cmp = subprocess.run(_mmer("compare", str(out / "seed0" / "eval-test"), str(out / "seed1" / "eval-test"),
                                "--json", "--resamples", "2000"),
-                         env=_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+                         env=run_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert cmp.returncode == 0, cmp.stderr
     r = json.loads(cmp.stdout)
     assert r["unit"] == "speaker" and r["units"] == 4 and r["n"] == 32      # test: actors 09-12, 8 clips each
@@ -149,7 +144,7 @@ def ravdess_all_shards(ravdess_shards) -> Path:
         pytest.skip("data.folds / pack --split none (issue 19 item 1) are not on this branch yet")
     root = ravdess_shards.parent
     subprocess.run(_mmer("pack", "ravdess", "--root", str(root / "raw"), "--out", str(root / "all"), "--split", "none"),
-                   check=True, env=_env(), cwd=REPO, capture_output=True, timeout=300)
+                   check=True, env=run_env(), cwd=REPO, capture_output=True, timeout=300)
     return root / "all"
 
 
@@ -161,7 +156,7 @@ def test_two_seeds_by_two_speaker_folds(ravdess_all_shards, tmp_path):
     cmd = _mmer("sweep", "--config", "debug", "--shards", str(ravdess_all_shards), "--out", str(out), "--seeds", "0,1",
                 "--folds", "all", "data.folds=2", "data.dev_speakers=2", *TRAIN[:2], "train.max_steps=6",
                 "train.eval_every=3")
-    done = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(cmd, env=run_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     names = sorted(p.name for p in out.iterdir() if p.is_dir())
     assert names == ["fold0_seed0", "fold0_seed1", "fold1_seed0", "fold1_seed1"]
@@ -171,7 +166,7 @@ def test_two_seeds_by_two_speaker_folds(ravdess_all_shards, tmp_path):
                 .read_text().splitlines()]
         held_out[fold] = {k.rsplit("-", 1)[1] for k in keys}            # the actors of the held-out fold
     assert held_out[0].isdisjoint(held_out[1]) and len(held_out[0] | held_out[1]) == 12
-    summary = subprocess.run(_mmer("summarize", str(out), "--json"), env=_env(), cwd=REPO, capture_output=True,
+    summary = subprocess.run(_mmer("summarize", str(out), "--json"), env=run_env(), cwd=REPO, capture_output=True,
                              text=True, timeout=120)
     assert summary.returncode == 0, summary.stderr
     s = json.loads(summary.stdout)

@@ -202,6 +202,20 @@ def test_compare_two_sweeps_json_contract(tmp_path, capsys):
     assert r["ci95"][0] <= r["difference"] <= r["ci95"][1] and set(r["per_class"]) == set(LABELS)
 
 
+def test_runs_joined_by_commas_compare_like_the_sweep_of_them(tmp_path, capsys):
+    a = _sweep(tmp_path / "a", [0, 1], skill=2.0)
+    b = _sweep(tmp_path / "b", [0, 1], skill=0.5)
+    assert cli.main(["compare", str(a), str(b), "--json", "--resamples", "500"]) == 0
+    swept = json.loads(capsys.readouterr().out)
+    listed = [",".join(str(s / f"seed{i}") for i in range(2)) for s in (a, b)]
+    assert cli.main(["compare", *listed, "--split", "test", "--resamples", "500"]) == 0   # no table: the test only
+    out = capsys.readouterr().out
+    assert "(2 run(s))" in out and f"A-B {swept['difference']:+.4f}" in out
+    assert f"[{swept['ci95'][0]:+.4f}, {swept['ci95'][1]:+.4f}]" in out
+    assert cli.main(["compare", *listed, str(a), "--split", "test"]) == 2
+    assert "compares with exactly one other" in capsys.readouterr().err
+
+
 def test_compare_two_runs_prints_the_table_and_the_paired_test(tmp_path, capsys):
     a = _sweep(tmp_path / "a", [0], skill=2.0) / "seed0"
     b = _sweep(tmp_path / "b", [0], skill=0.5) / "seed0"

@@ -63,7 +63,7 @@ def test_flipped_byte_and_truncated_tar_are_found(packed: Path, tmp_path: Path, 
     truncated.write_bytes(truncated.read_bytes()[:-1024])
     assert _cli("verify", str(work)) == 1
     out = capsys.readouterr().out
-    assert f"2 damaged" in out
+    assert "2 damaged" in out
     want = read_stats(work, flipped.name).sha256
     assert f"DAMAGED {flipped.name}: sha256 expected {want}, found {hashlib.sha256(bytes(data)).hexdigest()}" in out
     assert f"DAMAGED {truncated.name}: size expected {full} bytes, found {full - 1024} bytes" in out
