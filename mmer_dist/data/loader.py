@@ -30,7 +30,10 @@ smaller; the number of batches never changes); `counts()` is this rank's running
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import signal
+import threading
 from collections import Counter
 from typing import Any, Callable, Iterator, Protocol
 
@@ -110,6 +113,19 @@ class SampleCounts:
                              f"kind {state.get('kind')!r}); the run was made with another data.loader")
 
 
+_EXIT_HOOK: list[Any] = []
+
+
+def _kill_leftover_workers() -> None:
+    # Workers ignore SIGTERM (below), and multiprocessing's exit handler stops daemonic children with
+    # SIGTERM, then joins them: a worker that its DataLoader did not shut down (an iterator still alive
+    # in an exception's traceback or a reference cycle) would keep the process from ever exiting.
+    # Registered after multiprocessing's own handler, so it runs first (atexit is last in, first out).
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
 def _worker_init(_: int) -> None:
     # one intra-op thread per worker: the workers are the parallelism (the codecs are set to one
     # thread in decode.py)
@@ -127,15 +143,54 @@ def dataloader_settings(num_workers: int, timeout_s: float = 0.0) -> dict[str, A
     # run (whose iterator starts mid-epoch) would see different dropout masks than an uninterrupted one.
     # The timeout turns a worker that cannot deliver a batch (e.g. "unable to open shared memory object")
     # into an error instead of a hang; torch itself notices a worker that died.
+    if num_workers > 0 and not _EXIT_HOOK:
+        _EXIT_HOOK.append(atexit.register(_kill_leftover_workers))
     return {"pin_memory": torch.cuda.is_available(), "worker_init_fn": _worker_init if num_workers > 0 else None,
             "generator": torch.Generator().manual_seed(0), "timeout": timeout_s if num_workers > 0 else 0.0}
 
 
+def _worker_failed(e: BaseException, reading: Callable[[], str]) -> DataError:
+    first = next((line for line in reversed(str(e).strip().splitlines()) if line.strip()), str(e))
+    return DataError(f"a data loader worker failed: {first.strip()[:500]}. The workers were reading: {reading()}. "
+                     f"A worker that times out raises after data.loader_timeout_s; check the shards with "
+                     f"`mmer-dist verify SHARDS_DIR`")
+
+
+_READING: list[Callable[[], str]] = []
+
+
+def _name_worker_deaths() -> None:
+    """torch notices a worker killed by a signal from a SIGCHLD handler that raises its RuntimeError in the
+    main process wherever it happens to be (in a backward pass, an all-reduce): wrap that handler so the
+    error is the same named DataError as a failure seen while fetching a batch."""
+    if threading.current_thread() is not threading.main_thread():      # signals belong to the main thread
+        return
+    torch_handler = signal.getsignal(signal.SIGCHLD)
+    if not callable(torch_handler) or getattr(torch_handler, "names_worker_deaths", False):
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        try:
+            torch_handler(signum, frame)
+        except RuntimeError as e:
+            raise _worker_failed(e, _READING[0]) from e
+
+    handler.names_worker_deaths = True      # type: ignore[attr-defined]
+    signal.signal(signal.SIGCHLD, handler)
+
+
 def batches_of(loader: Any, reading: Callable[[], str]) -> Iterator[dict[str, Any]]:
     """The batches of a DataLoader; a worker that died, raised or timed out becomes a `DataError` naming
-    its error and what the workers were reading (`reading()`), in the main process."""
+    its error and what the workers were reading (`reading()`), in the main process. Batches that fail or
+    are abandoned shut their workers down at once (persistent ones too, then dropped so that the next
+    epoch starts new ones), not whenever the iterator happens to be garbage-collected."""
+    batches = iter(loader)
+    _READING[:] = [reading]
+    _name_worker_deaths()
+    ended = False
     try:
-        yield from loader
+        yield from batches
+        ended = True
     except DataError as e:
         text = str(e)
         if "Original Traceback" not in text:
@@ -143,7 +198,10 @@ def batches_of(loader: Any, reading: Callable[[], str]) -> Iterator[dict[str, An
         # raised in a worker: torch re-raises it with the worker's traceback as the message; keep ours
         raise DataError(text.rsplit("DataError: ", 1)[-1].strip()) from e
     except Exception as e:         # a worker's exception, re-raised here by torch with its traceback as text
-        first = next((line for line in reversed(str(e).strip().splitlines()) if line.strip()), str(e))
-        raise DataError(f"a data loader worker failed: {first.strip()[:500]}. The workers were reading: {reading()}. "
-                        f"A worker that times out raises after data.loader_timeout_s; check the shards with "
-                        f"`mmer-dist verify SHARDS_DIR`") from e
+        raise _worker_failed(e, reading) from e
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)       # torch's multi-worker iterator
+        if not ended and shutdown is not None:
+            shutdown()
+            if getattr(loader, "_iterator", None) is batches:      # a persistent-workers DataLoader's
+                loader._iterator = None

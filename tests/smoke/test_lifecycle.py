@@ -119,7 +119,7 @@ def test_kills_during_checkpoint_writes_never_leave_a_checkpoint_that_cannot_loa
 
 
 FAULT = """
-import os, sys, time
+import os, signal, sys, time
 from mmer_dist.data import shard_reader
 real = shard_reader.ShardDataset.load
 calls = [0]
@@ -128,6 +128,8 @@ def load(self, item):
     if os.environ.get("RANK", "0") == "0" and calls[0] == 30 and shard_reader.get_worker_info() is not None:
         if "{fault}" == "raise":
             raise RuntimeError("injected worker fault")
+        if "{fault}" == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)         # as the OOM killer would
         if "{fault}" == "stall":
             time.sleep(3600)
     return real(self, item)
@@ -144,11 +146,15 @@ def _faulty(tmp_path: Path, fault: str) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [1, 2])
-def test_a_worker_that_raises_ends_the_run_with_its_error_on_every_rank(synth_meld_shards, tmp_path, world):
-    script = _faulty(tmp_path, "raise")
+@pytest.mark.parametrize(("fault", "world", "says"), [
+    ("raise", 1, "injected worker fault"), ("raise", 2, "injected worker fault"),
+    ("kill", 2, "DataLoader worker (pid"), ("stall", 1, "DataLoader timed out after")])
+def test_a_worker_that_fails_ends_the_run_with_its_error_on_every_rank(synth_meld_shards, tmp_path, fault, world, says):
+    """A worker raises, is killed (SIGKILL) or delivers nothing for data.loader_timeout_s: the run ends
+    well within the test's bound, every rank gone, the worker's error and its shards named."""
+    script = _faulty(tmp_path, fault)
     args = [*COMMON, "--shards", str(synth_meld_shards), "--out", str(tmp_path / "run"), "train.epochs=5",
-            "data.num_workers=1"]
+            "data.num_workers=1", "data.loader_timeout_s=5"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -158,7 +164,7 @@ def test_a_worker_that_raises_ends_the_run_with_its_error_on_every_rank(synth_me
     out = subprocess.run(cmd, env={**run_env(), "PYTHONPATH": str(REPO)}, cwd=REPO, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode != 0 and time.time() - t0 < 120
-    assert "a data loader worker failed" in out.stderr and "injected worker fault" in out.stderr
+    assert "a data loader worker failed" in out.stderr and says in out.stderr, out.stderr[-3000:]
     assert "meld-train-" in out.stderr                      # what the worker was reading
 
 
