@@ -239,7 +239,7 @@ class Run:
             self.checkpoint()
         last = complete_checkpoints(self.run_dir)
         print(f"{stop.name} received while waiting for data at step {self.state.step} (the loader delivered "
-              f"nothing; see data.loader_timeout_s): stopped. Last complete checkpoint: "
+              f"nothing in {stop.grace:.0f} s; see data.loader_timeout_s): stopped. Last complete checkpoint: "
               f"{last[-1] if last else 'none'}; run again with resume=latest to continue from it", file=sys.stderr,
               flush=True)
         return "stalled"

@@ -13,9 +13,10 @@ ignores the signal, so a terminal's Ctrl-C (sent to every process of the foregro
 kill the workers the next step needs. A stop asked by SIGINT never requeues a Slurm job: the user
 meant it.
 
-While the loop waits for the next batch (`with stop.waiting(): ...`) a stop signal raises
-`StoppedWaiting` instead of being noted, so a run stalled on data (a loader that cannot deliver) still
-stops within seconds; a signal noted just before such a wait raises after `grace` seconds (SIGALRM).
+While the loop waits for the next batch (`with stop.waiting(): ...`) a stop signal (or one noted just
+before the wait) gives the fetch `grace` seconds (SIGALRM): a batch that comes in time finishes its step
+and the run checkpoints as usual; otherwise `StoppedWaiting` is raised, so a run stalled on data (a
+loader that cannot deliver) still stops within seconds.
 """
 
 from __future__ import annotations
@@ -69,9 +70,8 @@ class StopRequest:
                 os._exit(ABORT_EXIT_CODE)     # at once: no waiting for the step, the loaders or other ranks
             self._say("interrupt: saving a checkpoint after this step, then exiting (Ctrl-C again to abort at once)")
         self.signum = self.signum or signum
-        if self._waiting:
-            self._waiting = False
-            raise StoppedWaiting(signum)
+        if self._waiting and signal.getitimer(signal.ITIMER_REAL)[0] == 0:
+            signal.setitimer(signal.ITIMER_REAL, self.grace)    # the batch may still come: see _alarm
 
     def _alarm(self, signum: int, frame: Any) -> None:
         if self._waiting and self.signum and os.getpid() == self._pid:
@@ -80,7 +80,8 @@ class StopRequest:
 
     @contextmanager
     def waiting(self) -> Iterator[None]:
-        """The block waits for data: a stop signal interrupts it (StoppedWaiting) rather than being noted."""
+        """The block waits for data: a stop signal interrupts it (StoppedWaiting) if it lasts `grace` more
+        seconds."""
         self._waiting = True
         if self.signum:                      # already asked to stop: give the fetch `grace` seconds
             signal.setitimer(signal.ITIMER_REAL, self.grace)

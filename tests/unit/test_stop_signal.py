@@ -33,3 +33,22 @@ def test_only_a_slurm_stop_requeues(monkeypatch, sig, requeued):
     monkeypatch.setattr(stop_module.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
     requeue_if_slurm(True, sig)
     assert calls == ([["scontrol", "requeue", "42"]] if requeued else [])
+
+
+def test_a_signal_while_waiting_for_data_gives_the_fetch_a_grace_then_stops_the_wait():
+    """A batch that arrives within the grace finishes its step (the stop is noted, the run checkpoints as
+    usual at the step's end); a wait that outlasts the grace is interrupted (a stall)."""
+    import time
+
+    with handlers_restored():
+        stop = StopRequest()
+        stop.grace = 0.5
+        stop.install()
+        with stop.waiting():                    # an ordinary fetch: the batch comes 0.2 s after the signal
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+        assert stop.signum == signal.SIGTERM and signal.getitimer(signal.ITIMER_REAL)[0] == 0
+        t0 = time.monotonic()
+        with pytest.raises(stop_module.StoppedWaiting), stop.waiting():    # a stall: nothing comes
+            time.sleep(30)
+        assert time.monotonic() - t0 < 5
