@@ -93,14 +93,15 @@ class ShardFiles:
         fd = self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
         return fd
 
-    def close(self) -> None:
-        if self._pid == os.getpid():
+    def close(self, _getpid: Any = os.getpid, _close: Any = os.close) -> None:
+        # os bound at definition: __del__ may run while the interpreter is tearing modules down
+        if self._pid == _getpid():
             for fd in self._fds.values():
                 try:
-                    os.close(fd)
+                    _close(fd)
                 except OSError:
                     pass
-        self._fds = OrderedDict()
+        self._fds.clear()
 
     def __getstate__(self) -> dict[str, Any]:     # descriptors never cross a process boundary
         return {**self.__dict__, "_fds": OrderedDict(), "_pid": -1}

@@ -135,7 +135,10 @@ def test_ctrl_c_during_pack_says_interrupted_and_the_same_command_resumes(synth_
     out = tmp_path / "shards"
     cmd = [sys.executable, "-m", "mmer_dist.cli", "pack", "meld", "--root", str(synth_meld_raw), "--out", str(out),
            "--shard-samples", "1", "--video-size", "32", "--video-fps", "4"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # SIGINT back to its default in the child: a shell without job control starts background commands
+    # (a CI script's `... &`) with SIGINT ignored, and Python then leaves it ignored (no KeyboardInterrupt)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while len(list(out.glob("*.stats.json"))) < 2 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -26,9 +27,7 @@ def packed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _copy(src: Path, dst: Path) -> Path:
-    dst.mkdir()
-    for p in src.iterdir():
-        (dst / p.name).write_bytes(p.read_bytes())
+    shutil.copytree(src, dst)          # the compact index (samples/) too
     return dst
 
 
@@ -37,7 +36,9 @@ def _cli(*argv: str) -> int:
 
 
 def _files(d: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file() and not p.name.startswith(".lock-")}
+    """The pack's files: top level and the compact index (not what verify moved aside into damaged/)."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted([*d.iterdir(), *d.glob("samples/*/*")])
+            if p.is_file() and not p.name.startswith(".lock-")}
 
 
 def test_stats_record_the_sha256_of_every_tar(packed: Path) -> None:
