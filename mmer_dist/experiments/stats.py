@@ -26,9 +26,14 @@ the smallest level at which the two-sided percentile interval excludes 0 (so p <
 when the 95% interval lies on one side of 0, up to ties), with the +1 of Davison & Hinkley (1997,
 eq. 4.11) so a finite number of resamples never reports p = 0.
 
+One prediction set (say, every clip of a fold sweep, each tested by the fold that held its actor out),
+`cluster_bootstrap(...)`: percentile intervals of its Macro-F1, accuracy, UAR and per-class F1 over the
+same resampled units.
+
     s = describe([0.41, 0.45, 0.43]);  s.mean, s.std, s.ci95
     r = paired_bootstrap(y, [pred_a], [pred_b], groups, labels, unit="dialogue", seed=0)
     r.difference, r.ci95, r.p_value, r.per_class["fear"]
+    c = cluster_bootstrap(y, [pred], groups, labels, unit="speaker");  c["metrics"]["uar"]["ci95"]
 """
 
 from __future__ import annotations
@@ -199,6 +204,65 @@ def paired_bootstrap(y_true: Sequence[int], preds_a: Any, preds_b: Any, groups: 
                            ci95=(float(lo[0]), float(hi[0])), p_value=two_sided_p(dist[0]), unit=unit,
                            units=int(u), n=int(n), resamples=int(resamples), seed=int(seed),
                            per_class=per_class, note=note)
+
+
+def _headline_from_confusions(conf: np.ndarray, k: int) -> np.ndarray:
+    """(batch, k*k) confusion counts -> (batch, 3 + k): Macro-F1, accuracy, UAR (mean recall over the
+    labels present, as mmer_dist.train.metrics), then each class's F1."""
+    cm = conf.reshape(-1, k, k)
+    tp = np.diagonal(cm, axis1=-2, axis2=-1)
+    support = cm.sum(axis=-1)
+    f1 = f1_from_confusions(conf, k).reshape(-1, k)
+    accuracy = tp.sum(axis=-1) / np.maximum(support.sum(axis=-1), 1)
+    present = support > 0
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=present)
+    uar = recall.sum(axis=-1) / np.maximum(present.sum(axis=-1), 1)
+    return np.concatenate([f1.mean(axis=-1, keepdims=True), accuracy[:, None], uar[:, None], f1], axis=-1)
+
+
+def cluster_bootstrap(y_true: Sequence[int], preds: Any, groups: Sequence[Any], labels: Sequence[str], *,
+                      unit: str = "utterance", resamples: int = RESAMPLES, seed: int = 0,
+                      confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """Percentile intervals of Macro-F1, accuracy, UAR and each class's F1 of one prediction set (or the
+    mean over several, e.g. seeds), resampling whole `groups` as paired_bootstrap does: the interval
+    of a figure pooled over held-out folds, where the speakers are the independent units.
+
+    Returns {"unit", "units", "n", "resamples", "seed", "metrics": {"macro_f1": {"value", "ci95"}, ...},
+    "per_class": {label: {"f1": {"value", "ci95"}}}} (+ "note" with fewer than FEW_UNITS units)."""
+    from scipy import stats
+
+    y = np.asarray(y_true, np.int64)
+    k, n = len(labels), y.size
+    sets = _as_sets(preds, n, "A")
+    if len(groups) != n:
+        raise ValueError(f"cluster_bootstrap: {len(groups)} groups for {n} samples")
+    names, unit_index = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
+    u = names.size
+    if u < 2:
+        raise ValueError(f"cluster_bootstrap: the samples come from {u} {unit}(s); resampling needs at least 2")
+    confs = [unit_confusions(y, p, unit_index, u, k) for p in sets]
+
+    def figures(weights: np.ndarray) -> np.ndarray:     # (batch, 3 + k)
+        return np.mean([_headline_from_confusions(weights @ c, k) for c in confs], axis=0)
+
+    def statistic(idx: np.ndarray, axis: int = -1) -> np.ndarray:
+        out = figures(_resample_counts(idx, u)).T
+        return out if np.ndim(idx) > 1 else out[:, 0]
+
+    point = figures(np.ones((1, u)))[0]
+    res = stats.bootstrap((np.arange(u),), statistic, vectorized=True, n_resamples=resamples, batch=1000,
+                          confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
+    lo, hi = np.asarray(res.confidence_interval.low), np.asarray(res.confidence_interval.high)
+
+    def fig(j: int) -> dict[str, Any]:
+        return {"value": float(point[j]), "ci95": [float(lo[j]), float(hi[j])]}
+
+    out: dict[str, Any] = {"unit": unit, "units": int(u), "n": int(n), "resamples": int(resamples), "seed": int(seed),
+                           "metrics": {name: fig(j) for j, name in enumerate(("macro_f1", "accuracy", "uar"))},
+                           "per_class": {name: {"f1": fig(3 + j)} for j, name in enumerate(labels)}}
+    if u < FEW_UNITS:
+        out["note"] = f"only {u} independent {unit}s: the interval is coarse (each resample draws {u} of them)"
+    return out
 
 
 def is_finite(x: float | None) -> bool:

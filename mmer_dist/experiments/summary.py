@@ -6,7 +6,8 @@
 Writes SWEEP/summary.json and SWEEP/summary.png and prints a table. summary.json:
     {"sweep", "runs": N, "split", "metrics": {"macro_f1": {"n", "mean", "std", "ci95": [lo, hi]}, ...},
      "per_class": {label: {"f1": {...}}}, "ensemble": {"members", "metrics": {...}, "per_class": {...}},
-     "pooled" (fold sweeps: each seed's folds pooled, every sample once), "selection", "missing",
+     "pooled" (fold sweeps: each seed's folds pooled, every sample once; "bootstrap": percentile intervals
+     of the pooled figures resampling the speakers, stats.cluster_bootstrap), "selection", "missing",
      "other_splits": {"dev": {the same block for dev}}}
 The figures of one split come only from that split's evaluations (a run's own metrics.json holds its
 final evaluation on the split it selected on, RUN/eval-SPLIT/ any other), so dev and test never mix.
@@ -171,6 +172,7 @@ def pooled_block(runs: Sequence[SweepRun], dirs: dict[str, Path]) -> dict[str, A
     """Fold sweeps on held-out folds: each seed's folds pooled (every sample tested once), scored,
     described over seeds. None without folds or when the folds' samples overlap (dev)."""
     from mmer_dist.experiments.predictions import pool
+    from mmer_dist.experiments.stats import cluster_bootstrap
 
     if len(_folds(runs)) < 2:
         return None
@@ -181,8 +183,14 @@ def pooled_block(runs: Sequence[SweepRun], dirs: dict[str, Path]) -> dict[str, A
     by_seed = {s: [preds[r.name] for r in runs if r.seed == s] for s in seeds}
     if not all(_disjoint(sets) for sets in by_seed.values()):
         return None
-    scored = [{**m["metrics"], "per_class": m["per_class"]} for m in (score(pool(sets)) for sets in by_seed.values())]
-    return {"seeds": len(seeds), "n": sum(p.n for p in by_seed[seeds[0]]), **spread_block(scored)}
+    pooled = [pool(sets) for sets in by_seed.values()]
+    scored = [{**m["metrics"], "per_class": m["per_class"]} for m in map(score, pooled)]
+    out = {"seeds": len(seeds), "n": pooled[0].n, **spread_block(scored)}
+    if all(p.keys == pooled[0].keys for p in pooled):       # intervals over the independent units (speakers)
+        first = pooled[0]
+        out["bootstrap"] = cluster_bootstrap(first.y_true, [p.y_pred for p in pooled], first.groups, first.labels,
+                                             unit=first.unit)
+    return out
 
 
 def selection_block(runs: Sequence[SweepRun], metrics: dict[str, dict[str, Any]], split: str) -> dict[str, Any]:
@@ -264,8 +272,12 @@ def format_block(block: dict[str, Any], split: str, title: str = "") -> list[str
     else:
         lines.append(f"  no ensemble: {ens['note']}")
     if "pooled" in block and "metrics" in block["pooled"]:
-        lines.append(f"  pooled over folds ({block['pooled']['n']} samples): macro_f1 "
-                     f"{_fmt(block['pooled']['metrics']['macro_f1'])}")
+        pooled = block["pooled"]
+        lines.append(f"  pooled over folds ({pooled['n']} samples): macro_f1 {_fmt(pooled['metrics']['macro_f1'])}")
+        if "bootstrap" in pooled:
+            b = pooled["bootstrap"]
+            lines.append(f"    {b['units']} {b['unit']}s resampled: " + ", ".join(
+                f"{k} {v['value']:.4f} [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}]" for k, v in b["metrics"].items()))
     if block["missing"]:
         lines.append(f"  not evaluated on {split}: {', '.join(block['missing'])}")
     if "warning" in block["selection"]:

@@ -177,6 +177,11 @@ def test_fold_sweep_pools_folds_and_ensembles_per_fold(tmp_path):
     s = summarize(_sweep(tmp_path / "sw", [0, 1], folds=2))
     assert s["runs"] == 4 and s["metrics"]["macro_f1"]["n"] == 4
     assert s["pooled"]["seeds"] == 2 and s["pooled"]["n"] == 64      # 2 folds x 2 actors x 16 clips, each once
+    boot = s["pooled"]["bootstrap"]                                  # the pooled figures' intervals over actors
+    assert (boot["unit"], boot["units"], boot["n"]) == ("speaker", 4, 64)
+    assert boot["metrics"]["macro_f1"]["value"] == pytest.approx(s["pooled"]["metrics"]["macro_f1"]["mean"])
+    lo, hi = boot["metrics"]["uar"]["ci95"]
+    assert lo <= boot["metrics"]["uar"]["value"] <= hi
     assert s["ensemble"]["members"] == 2 and s["ensemble"]["folds"] == 2 and s["ensemble"]["n"] == 64
     dev = s["other_splits"]["dev"]            # every fold's dev holds actors 7-8 here: not pooled
     assert "pooled" not in dev and set(dev["ensemble"]["per_fold"]) == {"0", "1"}

@@ -9,10 +9,10 @@ import math
 import numpy as np
 import pytest
 from scipy import stats as sps
-from sklearn.metrics import f1_score
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
-from mmer_dist.experiments.stats import (_resample_counts, describe, f1_from_confusions, paired_bootstrap, two_sided_p,
-                                         unit_confusions)
+from mmer_dist.experiments.stats import (_resample_counts, cluster_bootstrap, describe, f1_from_confusions,
+                                         paired_bootstrap, two_sided_p, unit_confusions)
 
 
 # --------------------------------------------------------------------------- describe
@@ -107,6 +107,33 @@ def test_point_estimates_equal_scikit_learn_and_the_seed_fixes_the_interval():
     assert paired_bootstrap(y, a, b, g, labels, resamples=2000, seed=8).ci95 != r.ci95
     assert r.ci95[0] < r.difference < r.ci95[1]
     assert (r.p_value < 0.05) == (r.ci95[0] > 0 or r.ci95[1] < 0)   # the p-value inverts the interval
+
+
+def test_one_set_bootstrap_by_hand_and_against_scikit_learn():
+    """Two units, as above for A alone: unit 0 scores accuracy 1, unit 1 accuracy 1/2, both 3/4; the
+    percentile interval is the outer atoms [1/2, 1]. On a larger set the point figures are scikit-learn's,
+    the seed fixes the interval, and several sets (seeds) are averaged."""
+    r = cluster_bootstrap([0, 1, 0, 1], [0, 1, 0, 0], ["u0", "u0", "u1", "u1"], ["x", "y"], unit="speaker",
+                          resamples=4000, seed=0)
+    assert r["metrics"]["accuracy"]["value"] == pytest.approx(0.75)
+    assert r["metrics"]["accuracy"]["ci95"] == pytest.approx([0.5, 1.0])
+    assert r["metrics"]["macro_f1"]["value"] == pytest.approx(11 / 15)
+    assert r["metrics"]["macro_f1"]["ci95"] == pytest.approx([1 / 3, 1.0])
+    assert (r["units"], r["n"], r["unit"]) == (2, 4, "speaker") and "only 2 independent speakers" in r["note"]
+    y, a, b, g, labels = _predictions(6)
+    r = cluster_bootstrap(y, a, g, labels, resamples=2000, seed=3)
+    assert r["metrics"]["macro_f1"]["value"] == pytest.approx(f1_score(y, a, average="macro"))
+    assert r["metrics"]["accuracy"]["value"] == pytest.approx(accuracy_score(y, a))
+    assert r["metrics"]["uar"]["value"] == pytest.approx(balanced_accuracy_score(y, a))
+    assert [r["per_class"][c]["f1"]["value"] for c in labels] == pytest.approx(list(f1_score(y, a, average=None)))
+    for fig in (*r["metrics"].values(), *(c["f1"] for c in r["per_class"].values())):
+        assert fig["ci95"][0] < fig["value"] < fig["ci95"][1]
+    assert cluster_bootstrap(y, a, g, labels, resamples=2000, seed=3) == r
+    both = cluster_bootstrap(y, [a, b], g, labels, resamples=500)
+    mean = (f1_score(y, a, average="macro") + f1_score(y, b, average="macro")) / 2
+    assert both["metrics"]["macro_f1"]["value"] == pytest.approx(mean)
+    with pytest.raises(ValueError, match="1 speaker"):
+        cluster_bootstrap(y, a, np.zeros_like(g), labels, unit="speaker")
 
 
 def test_identical_and_dominating_predictions():
