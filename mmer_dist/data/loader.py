@@ -156,7 +156,7 @@ def _worker_failed(e: BaseException, reading: Callable[[], str]) -> DataError:
                      f"`mmer-dist verify SHARDS_DIR`")
 
 
-_READING: list[Callable[[], str]] = []
+_READING: list[Callable[[], str]] = []      # what the running loaders read, the innermost last (eval inside train)
 
 
 def _name_worker_deaths() -> None:
@@ -173,7 +173,7 @@ def _name_worker_deaths() -> None:
         try:
             torch_handler(signum, frame)
         except RuntimeError as e:
-            raise _worker_failed(e, _READING[0]) from e
+            raise _worker_failed(e, _READING[-1] if _READING else lambda: "(no loader running)") from e
 
     handler.names_worker_deaths = True      # type: ignore[attr-defined]
     signal.signal(signal.SIGCHLD, handler)
@@ -185,7 +185,7 @@ def batches_of(loader: Any, reading: Callable[[], str]) -> Iterator[dict[str, An
     are abandoned shut their workers down at once (persistent ones too, then dropped so that the next
     epoch starts new ones), not whenever the iterator happens to be garbage-collected."""
     batches = iter(loader)
-    _READING[:] = [reading]
+    _READING.append(reading)
     _name_worker_deaths()
     ended = False
     try:
@@ -200,6 +200,7 @@ def batches_of(loader: Any, reading: Callable[[], str]) -> Iterator[dict[str, An
     except Exception as e:         # a worker's exception, re-raised here by torch with its traceback as text
         raise _worker_failed(e, reading) from e
     finally:
+        _READING.remove(reading)
         shutdown = getattr(batches, "_shutdown_workers", None)       # torch's multi-worker iterator
         if not ended and shutdown is not None:
             shutdown()
