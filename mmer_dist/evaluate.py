@@ -133,9 +133,9 @@ def evaluate_ensemble(models: list[str | Path], shards: str | Path, split: str, 
     if dist.is_main():
         metrics = average_predictions([out / "members" / str(i) / "predictions.jsonl" for i in range(len(models))],
                                       out, labels)
-        chosen = sorted({str(m.get("selected_on")) for m in members})
+        chosen = sorted({m["selected_on"] for m in members if m.get("selected_on")})   # none: no member was chosen
         metrics.update({"split": split, "shards": str(shards), "unit": members[0].get("unit", "utterance"),
-                        "selected_on": chosen[0] if len(chosen) == 1 else ",".join(chosen),
+                        "selected_on": ",".join(chosen) or None,
                         "ensemble": [m["model"] for m in members],
                         "members": [{k: m[k] for k in ("model", "macro_f1", "weighted_f1", "accuracy", "uar")}
                                     for m in members]})

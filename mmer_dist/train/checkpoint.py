@@ -168,10 +168,12 @@ def find_export(model_path: str | Path) -> Path:
 
 
 def selected_on(model_dir: Path) -> str | None:
-    """The split an exported model was chosen on (train.select's evaluations); None for a checkpoint of a step."""
+    """The split an exported model was chosen on (train.select=best's evaluations); None for a checkpoint of a
+    step and for train.select=last. Exports made before the field: the split they were evaluated on."""
     if is_checkpoint(model_dir):
         return None
-    return read_json(model_dir / EXPORT_META, fix="restore the export, or evaluate a checkpoint").get("info", {}).get("split")
+    info = read_json(model_dir / EXPORT_META, fix="restore the export, or evaluate a checkpoint").get("info", {})
+    return info["selected_on"] if "selected_on" in info else info.get("split")
 
 
 def run_dir_of(model_dir: Path) -> Path:

@@ -244,6 +244,12 @@ class Run:
               flush=True)
         return "stalled"
     @property
+    def selected_on(self) -> str | None:
+        """The split the exported weights were chosen on: the eval split with train.select=best, none with
+        last (the final weights are kept whatever the evaluations said)."""
+        return self.cfg.data.eval_split if self.cfg.train.select == "best" else None
+
+    @property
     def checkpoint_every(self) -> int:
         return self.cfg.train.checkpoint_every or self.steps_per_epoch
 
@@ -328,7 +334,7 @@ class Run:
             if chosen:
                 state.best_score, state.best_step = metrics["macro_f1"], state.step
                 self.export(self.run_dir / "best", {"step": state.step, "macro_f1": metrics["macro_f1"],
-                                                    "split": cfg.data.eval_split})
+                                                    "split": cfg.data.eval_split, "selected_on": self.selected_on})
 
     def export(self, path: Path, info: dict[str, Any]) -> None:
         """The current weights as an exported model folder (a collective: ZeRO-3 shards are gathered)."""
@@ -367,7 +373,7 @@ class Run:
 
             metrics["protocol"] = protocol(self.index, cfg.data.shards, cfg.data,
                                            ["train", "dev", "test"] if cfg.data.folds else sorted(self.index.splits))
-        metrics.update({"split": cfg.data.eval_split, "selected_on": cfg.data.eval_split, "best_step": state.best_step,
+        metrics.update({"split": cfg.data.eval_split, "selected_on": self.selected_on, "best_step": state.best_step,
                         "steps": state.step, "samples_seen": state.samples_seen, "shards": str(cfg.data.shards),
                         "train_data": {"read": state.samples_read, "skipped": state.skipped,
                                        "degraded": state.degraded}})
@@ -380,7 +386,7 @@ class Run:
                 print(f"WARNING: model replicas differ across ranks after training: {checksums}", file=sys.stderr)
             export_model(load_file(str(best_dir / EXPORT_WEIGHTS)), cfg.model, cfg.data, self.labels,
                          self.run_dir / "export", {"step": state.best_step, "macro_f1": metrics["macro_f1"],
-                                                   "split": cfg.data.eval_split})
+                                                   "split": cfg.data.eval_split, "selected_on": self.selected_on})
             print(f"done: {cfg.data.eval_split} macro-F1 {metrics['macro_f1']:.4f} "
                   f"({cfg.train.select} step {state.best_step}); model exported to {self.run_dir / 'export'}; "
                   f"metrics in {self.run_dir / 'metrics.json'}", flush=True)

@@ -90,3 +90,20 @@ def test_a_fold_trains_and_evaluates_on_its_speakers(ravdess_all, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "test" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 40 and {r["speaker"] for r in rows} == {"Actor_05", "Actor_06"}
     assert {r["group"] for r in rows} == {5, 6}
+    assert json.loads((tmp_path / "test" / "metrics.json").read_text())["selected_on"] == "dev"
+
+
+def test_final_weights_record_no_selection(ravdess_all, tmp_path):
+    """train.select=last keeps the final weights whatever dev said: no split was chosen on, so no summary
+    flags its dev figures as optimistic."""
+    from mmer_dist.cli import main as cli_main
+    from mmer_dist.train.__main__ import main as train_main
+
+    run = tmp_path / "run"
+    assert train_main(["--config", "debug", "--shards", str(ravdess_all), "--out", str(run), "data.modalities=[audio]",
+                       "data.folds=5", "data.fold=0", "train.max_steps=2", "optim.warmup_steps=1",
+                       "train.select=last"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["selected_on"] is None
+    assert cli_main(["eval", "--model", str(run), "--shards", str(ravdess_all), "--split", "test",
+                     "--out", str(tmp_path / "test")]) == 0
+    assert json.loads((tmp_path / "test" / "metrics.json").read_text())["selected_on"] is None
