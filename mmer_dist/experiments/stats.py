@@ -119,6 +119,27 @@ def two_sided_p(resampled: np.ndarray) -> float:
     return float(min(1.0, 2.0 * (1 + tail) / (d.size + 1)))
 
 
+def _unit_index(groups: Sequence[Any], n: int, unit: str, caller: str) -> tuple[np.ndarray, int]:
+    """Each sample's unit as 0..u-1, and u (at least 2: resampling one unit gives nothing)."""
+    if len(groups) != n:
+        raise ValueError(f"{caller}: {len(groups)} groups for {n} samples")
+    names, unit_index = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
+    if names.size < 2:
+        raise ValueError(f"{caller}: the samples come from {names.size} {unit}(s); resampling needs at least 2")
+    return unit_index, int(names.size)
+
+
+def _percentiles(statistic: Any, u: int, resamples: int, seed: int,
+                 confidence: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """scipy's percentile bootstrap over unit indices 0..u-1: (low, high, resampled values)."""
+    from scipy import stats
+
+    res = stats.bootstrap((np.arange(u),), statistic, vectorized=True, n_resamples=resamples, batch=1000,
+                          confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
+    return (np.asarray(res.confidence_interval.low), np.asarray(res.confidence_interval.high),
+            np.asarray(res.bootstrap_distribution))
+
+
 # --------------------------------------------------------------------------- paired bootstrap
 @dataclass(frozen=True)
 class PairedBootstrap:
@@ -165,17 +186,10 @@ def paired_bootstrap(y_true: Sequence[int], preds_a: Any, preds_b: Any, groups: 
     the mean over them is compared); `groups`: the independent unit of each sample (dialogue, actor,
     or the key itself); `unit` names it in the result.
     """
-    from scipy import stats
-
     y = np.asarray(y_true, np.int64)
     k, n = len(labels), y.size
     sets_a, sets_b = _as_sets(preds_a, n, "A"), _as_sets(preds_b, n, "B")
-    if len(groups) != n:
-        raise ValueError(f"paired_bootstrap: {len(groups)} groups for {n} samples")
-    names, unit_index = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
-    u = names.size
-    if u < 2:
-        raise ValueError(f"paired_bootstrap: the samples come from {u} {unit}(s); resampling needs at least 2")
+    unit_index, u = _unit_index(groups, n, unit, "paired_bootstrap")
     conf_a = [unit_confusions(y, p, unit_index, u, k) for p in sets_a]
     conf_b = [unit_confusions(y, p, unit_index, u, k) for p in sets_b]
 
@@ -191,10 +205,7 @@ def paired_bootstrap(y_true: Sequence[int], preds_a: Any, preds_b: Any, groups: 
 
     ones = np.ones((1, u))
     fa, fb = side_f1(ones, conf_a)[0], side_f1(ones, conf_b)[0]
-    res = stats.bootstrap((np.arange(u),), statistic, vectorized=True, n_resamples=resamples, batch=1000,
-                          confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
-    lo, hi = np.asarray(res.confidence_interval.low), np.asarray(res.confidence_interval.high)
-    dist = np.asarray(res.bootstrap_distribution)
+    lo, hi, dist = _percentiles(statistic, u, resamples, seed, confidence)
     per_class = {name: {"a": float(fa[j]), "b": float(fb[j]), "difference": float(fa[j] - fb[j]),
                         "ci95": [float(lo[j + 1]), float(hi[j + 1])], "p_value": two_sided_p(dist[j + 1])}
                  for j, name in enumerate(labels)}
@@ -229,17 +240,10 @@ def cluster_bootstrap(y_true: Sequence[int], preds: Any, groups: Sequence[Any], 
 
     Returns {"unit", "units", "n", "resamples", "seed", "metrics": {"macro_f1": {"value", "ci95"}, ...},
     "per_class": {label: {"f1": {"value", "ci95"}}}} (+ "note" with fewer than FEW_UNITS units)."""
-    from scipy import stats
-
     y = np.asarray(y_true, np.int64)
     k, n = len(labels), y.size
     sets = _as_sets(preds, n, "A")
-    if len(groups) != n:
-        raise ValueError(f"cluster_bootstrap: {len(groups)} groups for {n} samples")
-    names, unit_index = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
-    u = names.size
-    if u < 2:
-        raise ValueError(f"cluster_bootstrap: the samples come from {u} {unit}(s); resampling needs at least 2")
+    unit_index, u = _unit_index(groups, n, unit, "cluster_bootstrap")
     confs = [unit_confusions(y, p, unit_index, u, k) for p in sets]
 
     def figures(weights: np.ndarray) -> np.ndarray:     # (batch, 3 + k)
@@ -250,9 +254,7 @@ def cluster_bootstrap(y_true: Sequence[int], preds: Any, groups: Sequence[Any], 
         return out if np.ndim(idx) > 1 else out[:, 0]
 
     point = figures(np.ones((1, u)))[0]
-    res = stats.bootstrap((np.arange(u),), statistic, vectorized=True, n_resamples=resamples, batch=1000,
-                          confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
-    lo, hi = np.asarray(res.confidence_interval.low), np.asarray(res.confidence_interval.high)
+    lo, hi, _ = _percentiles(statistic, u, resamples, seed, confidence)
 
     def fig(j: int) -> dict[str, Any]:
         return {"value": float(point[j]), "ci95": [float(lo[j]), float(hi[j])]}
