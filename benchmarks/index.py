@@ -219,6 +219,15 @@ def _complete(folder: Path, spec: dict[str, Any]) -> bool:
     return marker.exists() and json.loads(marker.read_text()) == spec
 
 
+def _start_fresh(folder: Path, spec: dict[str, Any]) -> bool:
+    """False when `folder` already holds a finished index of `spec`; else an empty folder and True."""
+    if _complete(folder, spec):
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return True
+
+
 def _mark(folder: Path, spec: dict[str, Any]) -> None:
     (folder / ".bench-complete").write_text(json.dumps(spec))
 
@@ -226,10 +235,8 @@ def _mark(folder: Path, spec: dict[str, Any]) -> None:
 def write_old_index(folder: Path, n: int, split: str = "train") -> None:
     """index.json (schema 1) + one stats file per shard, as the old `mmer-dist pack` wrote them."""
     spec = {"format": 1, "n": n, "per_shard": PER_SHARD, "seed": SEED}
-    if _complete(folder, spec):
+    if not _start_fresh(folder, spec):
         return
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
     names, sizes, keys, labels = [], [], [], []
     counts = np.zeros(len(LABELS), dtype=np.int64)
     duration, total_bytes = 0.0, 0
@@ -268,10 +275,8 @@ def write_new_index(folder: Path, n: int, split: str = "train") -> None:
     from mmer_dist.shards.schema import SAMPLE_DTYPE, ShardIndex, SplitIndex
 
     spec = {"format": 2, "n": n, "per_shard": PER_SHARD, "seed": SEED}
-    if _complete(folder, spec):
+    if not _start_fresh(folder, spec):
         return
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
     records = np.zeros(n, dtype=SAMPLE_DTYPE)
     si = SplitIndex(class_counts={k: 0 for k in LABELS})
     lo = 0
