@@ -142,12 +142,11 @@ def _disjoint(sets: Sequence["Predictions"]) -> bool:
     return len(set(keys)) == len(keys)
 
 
-def ensemble_block(runs: Sequence[SweepRun], dirs: dict[str, Path]) -> dict[str, Any]:
+def ensemble_block(runs: Sequence[SweepRun], preds: dict[str, "Predictions"] | str) -> dict[str, Any]:
     """The members' mean probabilities per sample, scored; fold sweeps: per fold, then pooled (held-out
     folds are disjoint; dev sets carved from each fold's training speakers may not be: scored per fold)."""
     from mmer_dist.experiments.predictions import ensemble, pool
 
-    preds = _predictions(runs, dirs)
     if isinstance(preds, str):
         return {"note": preds}
     groups = _folds(runs)
@@ -168,7 +167,7 @@ def ensemble_block(runs: Sequence[SweepRun], dirs: dict[str, Path]) -> dict[str,
     return out
 
 
-def pooled_block(runs: Sequence[SweepRun], dirs: dict[str, Path]) -> dict[str, Any] | None:
+def pooled_block(runs: Sequence[SweepRun], preds: dict[str, "Predictions"] | str) -> dict[str, Any] | None:
     """Fold sweeps on held-out folds: each seed's folds pooled (every sample tested once), scored,
     described over seeds. None without folds or when the folds' samples overlap (dev)."""
     from mmer_dist.experiments.predictions import pool
@@ -176,7 +175,6 @@ def pooled_block(runs: Sequence[SweepRun], dirs: dict[str, Path]) -> dict[str, A
 
     if len(_folds(runs)) < 2:
         return None
-    preds = _predictions(runs, dirs)
     if isinstance(preds, str):
         return {"note": preds}
     seeds = sorted({r.seed for r in runs})
@@ -213,9 +211,10 @@ def split_block(runs: Sequence[SweepRun], split: str) -> dict[str, Any] | None:
     if not have:
         return None
     metrics = {r.name: load_metrics(dirs[r.name]) for r in have}
+    preds = _predictions(have, dirs)            # read once: the ensemble and the pooled folds both use them
     block: dict[str, Any] = {"runs": len(have), **spread_block([metrics[r.name] for r in have]),
-                             "ensemble": ensemble_block(have, dirs)}
-    pooled = pooled_block(have, dirs)
+                             "ensemble": ensemble_block(have, preds)}
+    pooled = pooled_block(have, preds)
     if pooled is not None:
         block["pooled"] = pooled
     block["selection"] = selection_block(have, metrics, split)
